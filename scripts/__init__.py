@@ -1,0 +1,1 @@
+"""LVM-Med bundle package: every component the configs reference, imported as ``scripts.*``."""

@@ -1,0 +1,1 @@
+"""Data transforms of the LVM-Med bundle (two-view augmentation for self-supervised pretraining)."""

@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO_ROOT, SHARED
+
+SCHEMA = SHARED / "monai" / "meta_schema_20240725.json"
+
+
+def test_metadata_verifies_against_monai_schema_offline() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "verify_metadata",
+         "--meta_file", str(REPO_ROOT / "configs" / "metadata.json"), "--filepath", str(SCHEMA)],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "metadata is verified with no error" in result.stdout + result.stderr
+
+
+def test_metadata_declares_version_in_changelog_and_formats() -> None:
+    metadata = json.loads((REPO_ROOT / "configs" / "metadata.json").read_text())
+    assert metadata["version"] in metadata["changelog"]
+    assert list(metadata["network_data_format"]["inputs"]) == ["image"]
+    assert list(metadata["network_data_format"]["outputs"]) == ["pred"]
+    assert {"inputs", "outputs"} <= set(metadata["encoder_data_format"])
+    requirements = (REPO_ROOT / "requirements.txt").read_text().splitlines()
+    pins = dict(line.split("==") for line in requirements if "==" in line)
+    assert metadata["monai_version"] == pins["monai"]
+    assert metadata["pytorch_version"] == pins["torch"]
+    for package, version in metadata["required_packages_version"].items():
+        assert pins[package] == version, package
