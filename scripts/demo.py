@@ -78,10 +78,10 @@ def save_atomically(state: dict[str, torch.Tensor], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--image-size", type=int, default=96, help="side of each augmented view")
-    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--image-size", type=int, default=64, help="side of each augmented view")
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--output", type=Path, default=Path("runs/demo"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--noise-scale", type=float, default=0.1)
@@ -93,7 +93,7 @@ def main() -> None:
     transform = TwoViewAugmentd(keys="image", spatial_size=args.image_size, drop_source=True)
     train = DataLoader(Dataset(phantom_images(256, 128, args.seed), transform), batch_size=args.batch_size,
                        shuffle=True, drop_last=True)
-    held_out = list(DataLoader(Dataset(phantom_images(64, 128, args.seed + 1), transform), batch_size=args.batch_size))
+    held_out = list(DataLoader(Dataset(phantom_images(128, 128, args.seed + 1), transform), batch_size=args.batch_size))
 
     network = LVMMedNetwork(ResNet50Encoder(), ProjectionHead(2048, 128)).to(device)
     loss_fn = LVMMedLoss(noise_scale=args.noise_scale).to(device)

@@ -113,6 +113,8 @@ class LVMMedLoss(nn.Module):
         self.solver: Solver = solver if solver is not None else GraphMatchingSolver()
         # share of images whose first view was matched to its own second view in the last forward
         self.last_match_accuracy = torch.tensor(float("nan"))
+        # non-zero and total entries of the IMLE gradient on the vertex affinities in the last backward
+        self._gradient_entries = [0, 0]
 
     def forward(
         self,
@@ -137,6 +139,7 @@ class LVMMedLoss(nn.Module):
             image has no matching to learn from and gives zero.
         """
         self._check_inputs(embeddings1, embeddings2, features1, features2, grid1, grid2)
+        self._gradient_entries = [0, 0]
         num_images = embeddings1.shape[0]
         if num_images < 2:
             self.last_match_accuracy = torch.tensor(float("nan"))
@@ -179,10 +182,25 @@ class LVMMedLoss(nn.Module):
             edges1 = edges2 = unary.new_zeros((unary.shape[0], 0, 2), dtype=torch.long)
             pairwise = unary.new_zeros((unary.shape[0], 0, 0))
             solver = _linear_assignment_solver
+        if unary.requires_grad:
+            unary.register_hook(self._count_gradient_entries)
         problem = QAPBatch(unary=unary, edges1=edges1, edges2=edges2, pairwise=pairwise)
         # the objective averages over graphs, which scales each graph's gradient by 1 / num_graphs;
         # the step is scaled back so that lambda keeps the meaning it has for a single graph
         return imle_match(problem, solver, self.lambda_ * num_graphs, self.noise, self.noise_scale, self.num_samples)
+
+    @property
+    def last_gradient_nonzero_share(self) -> float:
+        """Share of non-zero entries of the IMLE gradient on the vertex affinities in the last backward.
+
+        Zero means the perturbed and target matchings agreed everywhere: no learning signal.
+        """
+        nonzero, total = self._gradient_entries
+        return nonzero / total if total else float("nan")
+
+    def _count_gradient_entries(self, gradient: torch.Tensor) -> None:
+        self._gradient_entries[0] += int(gradient.count_nonzero())
+        self._gradient_entries[1] += gradient.numel()
 
     def _local_affinity(
         self,

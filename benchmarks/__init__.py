@@ -1,0 +1,1 @@
+"""Benchmarks and measurement studies, run as ``python -m benchmarks.NAME``."""
