@@ -1,0 +1,1 @@
+"""Ignite handlers used by the bundle's workflows."""

@@ -1,0 +1,1 @@
+"""Pretraining workflow pieces that the pretraining configs reference."""

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from conftest import REPO_ROOT
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ddp_gradients import build_model, fixed_batch, gradients  # noqa: E402
+
+
+def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
+    environment = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
+    return subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=600)
+
+
+def test_two_process_ddp_gradients_equal_single_process(tmp_path: Path) -> None:
+    """Graphs are built per rank: with the batch split so that each rank holds whole graphs, the DDP
+    average of the ranks' gradients equals one process's gradient on the whole batch."""
+    output = tmp_path / "ddp.pt"
+    result = torchrun(2, str(REPO_ROOT / "tests" / "ddp_gradients.py"), str(output))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    distributed = torch.load(output, weights_only=True)
+
+    model = build_model()
+    model(*fixed_batch()).backward()
+    single = gradients(model)
+    assert set(distributed) == set(single)
+    assert any(grad.abs().sum() > 0 for grad in single.values())
+    for name, grad in single.items():
+        torch.testing.assert_close(distributed[name], grad, rtol=1e-4, atol=1e-6, msg=name)
