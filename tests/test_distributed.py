@@ -34,3 +34,18 @@ def test_two_process_ddp_gradients_equal_single_process(tmp_path: Path) -> None:
     assert any(grad.abs().sum() > 0 for grad in single.values())
     for name, grad in single.items():
         torch.testing.assert_close(distributed[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_multi_gpu_bundle_config_runs_under_torchrun_with_gloo(tmp_path: Path) -> None:
+    configs = "['configs/pretrain.json','configs/multi_gpu_pretrain.json']"
+    result = torchrun(
+        2, "-m", "monai.bundle", "run", "--config_file", configs, "--image_size", "32", "--batch_size", "16",
+        "--max_epochs", "1", "--output_dir", str(tmp_path / "run"), "--data_root", str(tmp_path / "data"),
+        "--encoder_export_path", str(tmp_path / "encoder.pt"), "--monitor_interval", "None",
+    )
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    # 304 embedded samples, 2 ranks of batch 16: 9 iterations per rank, one checkpoint written by rank 0
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["checkpoint_9.pt"]
+    assert log.count("Engine run finished") == 2
+    assert (tmp_path / "encoder.pt").exists()

@@ -49,7 +49,9 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     if path.exists():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".tmp-{path.name}")  # keeps the suffix, which the writers read the format from
+    # the process id keeps concurrent writers (DDP ranks preparing the same folder) apart; the name keeps
+    # the suffix, which the writers read the format from
+    temporary = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     write(temporary)
     os.replace(temporary, path)
 
