@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from monai.data import DataLoader, Dataset
 from monai.data.synthetic import create_test_image_2d
 from monai.utils import set_determinism
 
+from scripts.atomic_save import save_atomically
 from scripts.networks.projector import ProjectionHead
 from scripts.networks.resnet_encoder import ResNet50Encoder
 from scripts.networks.ssl_network import LVMMedNetwork
@@ -66,14 +66,6 @@ def held_out_accuracy(network: LVMMedNetwork, loss_fn: LVMMedLoss, batches: list
     loss_fn.noise = noise
     network.train()
     return float(np.mean(accuracies))
-
-
-def save_atomically(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Writes to a temporary file and renames it, so an interrupted save never leaves a broken file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
 
 
 def main() -> None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
 from torch import nn
+
+from scripts.atomic_save import save_atomically
 
 __all__ = ["EncoderExport"]
 
@@ -37,9 +38,5 @@ class EncoderExport:
     def __call__(self, engine: Engine) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        state = {key: value.detach().cpu() for key, value in self.encoder.state_dict().items()}
-        torch.save(state, temporary)
-        os.replace(temporary, self.path)
+        save_atomically({key: value.detach().cpu() for key, value in self.encoder.state_dict().items()}, self.path)
         logger.info("encoder exported to %s", self.path)
