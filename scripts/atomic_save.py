@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-__all__ = ["save_atomically"]
+__all__ = ["write_atomically", "save_atomically"]
 
 
-def save_atomically(state: dict[str, torch.Tensor], path: str | Path) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, then rename it over ``path``.
+def write_atomically(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """Runs ``write(temporary)`` on a temporary file beside ``path``, then renames it over ``path``.
 
-    The temporary name carries the process id, so concurrent writers (DDP ranks) do not collide.
+    The temporary name is hidden, keeps ``path``'s suffix (writers that infer the format from it still
+    work) and carries the process id, so concurrent writers (DDP ranks) do not collide.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save(state, temporary)
+    temporary = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    write(temporary)
     os.replace(temporary, path)
     return path
+
+
+def save_atomically(state: dict[str, torch.Tensor], path: str | Path) -> Path:
+    """``torch.save`` through ``write_atomically``."""
+    return write_atomically(path, lambda temporary: torch.save(state, temporary))

@@ -18,7 +18,6 @@ That is 144 + 128 + 1 + 1 + 5 + 25 = 304 slice samples in about 4 MB; a kNN prob
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +29,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from scipy.ndimage import gaussian_filter
 
+from scripts.atomic_save import write_atomically
 from scripts.data.manifest import SourceDataset, save_manifest
 from scripts.data.readers import ImageReadError, ImageSource, read_header
 
@@ -46,14 +46,8 @@ DICOM_SERIES = ("98892001", "CT5N")  # below pydicom's dicomdirtests folder
 
 def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """Create ``path`` unless it exists, through a temporary file renamed into place."""
-    if path.exists():
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # the process id keeps concurrent writers (DDP ranks preparing the same folder) apart; the name keeps
-    # the suffix, which the writers read the format from
-    temporary = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    write(temporary)
-    os.replace(temporary, path)
+    if not path.exists():
+        write_atomically(path, write)
 
 
 def _copy(source: Path, target: Path) -> None:

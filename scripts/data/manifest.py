@@ -25,11 +25,12 @@ import csv
 import io
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from scripts.atomic_save import write_atomically
 
 __all__ = [
     "DEFAULT_CT_WINDOW",
@@ -298,7 +299,4 @@ def save_manifest(entries: Sequence[SourceDataset], path: str | Path) -> Path:
                 row["window"] = ",".join(repr(v) for v in row["window"])
             writer.writerow(row)
         text = buffer.getvalue()
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: DDP ranks may write at once
-    temporary.write_text(text, encoding="utf-8")
-    temporary.replace(path)
-    return path
+    return write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
