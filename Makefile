@@ -13,7 +13,7 @@ $(STAMP): requirements.txt constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m scripts.demo
+	$(PY) -m monai.bundle run --config_file configs/pretrain.json
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

@@ -131,6 +131,20 @@ def test_bad_hyperparameters_are_refused_at_construction(kwargs: dict, message: 
         LVMMedLoss(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs,message", [
+    ({"second_order": "no"}, "second_order must be bool"), ({"alpha": "0.5"}, "alpha must be float"),
+    ({"graph_size": 16.0}, "graph_size must be int"), ({"num_samples": True}, "num_samples must be int"),
+    ({"local_grid_size": 2.5}, "local_grid_size must be int or NoneType"),
+])
+def test_hyperparameters_of_the_wrong_type_are_refused(kwargs: dict, message: str) -> None:
+    with pytest.raises(TypeError, match=message):
+        LVMMedLoss(**kwargs)
+
+
+def test_integers_are_accepted_for_float_hyperparameters() -> None:
+    assert LVMMedLoss(alpha=1, lambda_=80, noise_scale=1).lambda_ == 80
+
+
 def test_bad_inputs_name_the_problem() -> None:
     loss_fn = LVMMedLoss(embedding_dim=16, gcn_features=(16, 16))
     e1, e2, f1, f2, g1, g2 = two_view_inputs(8)

@@ -25,9 +25,24 @@ def test_metadata_declares_version_in_changelog_and_formats() -> None:
     assert list(metadata["network_data_format"]["inputs"]) == ["image"]
     assert list(metadata["network_data_format"]["outputs"]) == ["pred"]
     assert {"inputs", "outputs"} <= set(metadata["encoder_data_format"])
+    assert {"inputs", "outputs"} <= set(metadata["pretraining_data_format"])
     requirements = (REPO_ROOT / "requirements.txt").read_text().splitlines()
     pins = dict(line.split("==") for line in requirements if "==" in line)
     assert metadata["monai_version"] == pins["monai"]
     assert metadata["pytorch_version"] == pins["torch"]
     for package, version in metadata["required_packages_version"].items():
         assert pins[package] == version, package
+
+
+def test_network_data_format_describes_the_inference_network_and_its_labels() -> None:
+    """verify_net_in_out itself runs in tests/test_seg_workflows.py; here the values that it does not check."""
+    from scripts.segmentation.embedded import LABEL_NAMES
+
+    metadata = json.loads((REPO_ROOT / "configs" / "metadata.json").read_text())
+    inference = json.loads((REPO_ROOT / "configs" / "inference.json").read_text())
+    image = metadata["network_data_format"]["inputs"]["image"]
+    pred = metadata["network_data_format"]["outputs"]["pred"]
+    assert image["num_channels"] == inference["in_channels"]
+    assert pred["num_channels"] == inference["num_classes"] == len(pred["channel_def"])
+    assert pred["channel_def"] == LABEL_NAMES
+    assert pred["format"] == "segmentation"

@@ -7,15 +7,20 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+from monai.bundle import ConfigParser
 
 from conftest import REPO_ROOT
 from scripts.handlers.checkpoint import latest_checkpoint
+from scripts.networks.resnet_encoder import ResNet50Encoder
 
 SAMPLES = 304  # embedded data, see scripts/data/embedded.py
+LARGEST_MODALITY = 90  # MRI slices of the embedded data
+MODALITIES = 5
 
 
 def bundle_command(tmp_path: Path, *overrides: str) -> list[str]:
@@ -23,7 +28,8 @@ def bundle_command(tmp_path: Path, *overrides: str) -> list[str]:
         sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/pretrain.json",
         "--output_dir", str(tmp_path / "run"), "--data_root", str(tmp_path / "data"),
         "--encoder_export_path", str(tmp_path / "encoder.pt"),
-        "--image_size", "32", "--batch_size", "32", "--max_epochs", "1", "--monitor_interval", "1", *overrides,
+        "--image_size", "32", "--batch_size", "32", "--max_epochs", "1", "--monitor_interval", "1",
+        "--balance_modalities", "False", *overrides,
     ]
 
 
@@ -46,9 +52,54 @@ def test_pretrain_config_trains_logs_checkpoints_and_exports(tmp_path: Path) -> 
         assert figure in log
 
 
+@pytest.fixture(scope="module")
+def embedded_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("embedded")
+
+
+@pytest.mark.parametrize("balance", [True, False])
+def test_modality_balancing_is_one_switch(embedded_root: Path, balance: bool) -> None:
+    parser = ConfigParser()
+    parser.read_config(REPO_ROOT / "configs" / "pretrain.json")
+    parser.update({"bundle_root": str(REPO_ROOT), "data_root": str(embedded_root), "balance_modalities": balance,
+                   "image_size": 32})
+    dataset = parser.get_parsed_content("train#dataset")
+    counts = Counter(dataset.modalities) if balance else Counter(parser.get_parsed_content("train#slices").modalities)
+    if balance:
+        assert len(dataset) == LARGEST_MODALITY * MODALITIES
+        assert set(counts.values()) == {LARGEST_MODALITY}
+    else:
+        assert len(dataset) == SAMPLES
+        assert len(set(counts.values())) > 1
+    sample = dataset[len(dataset) - 1]
+    assert sample["view1"].shape == sample["view2"].shape == (3, 32, 32)
+
+
+def test_a_switch_given_as_a_string_is_refused(embedded_root: Path) -> None:
+    parser = ConfigParser()
+    parser.read_config(REPO_ROOT / "configs" / "pretrain.json")
+    parser.update({"bundle_root": str(REPO_ROOT), "data_root": str(embedded_root), "balance_modalities": "false"})
+    with pytest.raises(RuntimeError) as error:
+        parser.get_parsed_content("train#dataset")
+    assert "balance_modalities must be True or False, got 'false'" in str(error.value.__cause__)
+
+
+def test_encoder_starts_from_init_weights(tmp_path: Path) -> None:
+    """The paper starts ResNet-50 from ImageNet weights: a torchvision-layout file (with ``fc``) is loaded."""
+    source = ResNet50Encoder()
+    state = {**source.state_dict(), "fc.weight": torch.zeros(1000, 2048), "fc.bias": torch.zeros(1000)}
+    torch.save(state, tmp_path / "resnet50_imagenet.pth")
+    parser = ConfigParser()
+    parser.read_config(REPO_ROOT / "configs" / "pretrain.json")
+    parser.update({"bundle_root": str(REPO_ROOT), "init_weights": str(tmp_path / "resnet50_imagenet.pth")})
+    encoder = parser.get_parsed_content("network_def").encoder
+    for name, value in source.state_dict().items():
+        assert torch.equal(encoder.state_dict()[name], value), name
+
+
 def test_each_ablation_is_one_override(tmp_path: Path) -> None:
-    overrides = ["--loss#second_order", "false", "--loss#message_passing", "false", "--loss#noise", "none",
-                 "--loss#local_similarity", "false", "--max_epochs", "1", "--monitor_interval", "None"]
+    overrides = ["--loss#second_order", "False", "--loss#message_passing", "False", "--loss#noise", "none",
+                 "--loss#local_similarity", "False", "--max_epochs", "1", "--monitor_interval", "None"]
     result = run_bundle(tmp_path, *overrides)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
 

@@ -20,9 +20,10 @@ import numpy as np
 import torch
 from monai.transforms import Resize, SpatialCrop
 from monai.utils import convert_to_tensor
+from monai.data import Dataset as TransformDataset
 from torch.utils.data import Dataset
 
-__all__ = ["ModalityBalancedDataset", "balanced_indices"]
+__all__ = ["ModalityBalancedDataset", "balanced_indices", "pretraining_dataset"]
 
 
 def balanced_indices(modalities: Sequence[str], seed: int = 0) -> list[int]:
@@ -113,3 +114,23 @@ class ModalityBalancedDataset(Dataset):
             resized = Resize((height, width), mode="bilinear", align_corners=False)(crop)
             sample[self.key] = convert_to_tensor(resized, dtype=torch.float32, track_meta=False)
         return self.transform(sample) if self.transform is not None else sample
+
+
+def pretraining_dataset(
+    slices: Dataset,
+    transform: Callable[[dict[str, Any]], Any],
+    balance: bool,
+    crop_fraction: tuple[float, float] = (0.5, 0.9),
+    seed: int = 0,
+) -> Dataset:
+    """``slices`` with ``transform`` applied, modality-balanced when ``balance`` (the pretraining config's switch).
+
+    Raises:
+        TypeError: ``balance`` is not a bool (on the command line ``false`` is the string "false", which would
+            otherwise count as true: write ``False``).
+    """
+    if not isinstance(balance, bool):
+        raise TypeError(f"balance_modalities must be True or False, got {balance!r} ({type(balance).__name__}).")
+    if balance:
+        return ModalityBalancedDataset(slices, crop_fraction, seed, transform)
+    return TransformDataset(slices, transform)

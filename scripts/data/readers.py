@@ -34,7 +34,6 @@ from PIL import Image
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.misc import is_dicom
-from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder
 
 from scripts.data.manifest import FORMATS
 
@@ -262,6 +261,8 @@ def _dicom_dataset_header(path: Path) -> Dataset:
         if syntax is None:
             raise ImageReadError(path, "DICOM file has no TransferSyntaxUID, so its pixel data cannot be decoded")
         if syntax.is_compressed:
+            from pydicom.pixels import get_decoder  # see _dicom_data on this late import
+
             decoder = get_decoder(syntax)
             if not decoder.is_available:
                 raise ImageReadError(path, f"no installed decoder for the transfer syntax {syntax.name} "
@@ -293,6 +294,10 @@ def _dicom_header(path: Path) -> ImageHeader:
 
 def _dicom_data(path: Path) -> np.ndarray:
     """Pixels in modality units (HU for CT), frames last, MONOCHROME1 inverted, palette colour as RGB."""
+    # pydicom.pixels is pydicom 3's API; imported here so that this module (and the bundle's configs) also import
+    # where pydicom 2 is pinned (MONAI Label's environment needs pydicom<3), which only fails on reading DICOM
+    from pydicom.pixels import apply_color_lut, apply_modality_lut
+
     with _reading(path, "cannot decode DICOM pixel data"):
         ds = pydicom.dcmread(path)
         array = ds.pixel_array

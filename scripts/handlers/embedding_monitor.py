@@ -51,7 +51,8 @@ class EmbeddingMonitor:
     - ``effective_rank``: effective rank of the projector embeddings.
 
     At the start of the run the same figures are logged for the network as it is then (the
-    randomly-initialised network of a fresh run) and kept as ``knn_accuracy_at_start``.
+    randomly-initialised network of a fresh run) and kept as ``knn_accuracy_at_start``; when the run
+    completes, both kNN accuracies are logged side by side.
 
     Args:
         network: the ``LVMMedNetwork`` being trained (unwrapped from DDP).
@@ -79,10 +80,12 @@ class EmbeddingMonitor:
         self.image_key = image_key
         self.label_key = label_key
         self.at_start: dict[str, float] = {}
+        self.at_start_iteration = 0
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._at_start)
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+        engine.add_event_handler(Events.COMPLETED, self._at_end)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -110,6 +113,7 @@ class EmbeddingMonitor:
 
     def _at_start(self, engine: Engine) -> None:
         self.at_start = self.evaluate()
+        self.at_start_iteration = engine.state.iteration
         engine.state.metrics["knn_accuracy_at_start"] = self.at_start["knn_accuracy"]
         logger.info("at start (iteration %d): %s", engine.state.iteration, _format(self.at_start))
 
@@ -119,6 +123,18 @@ class EmbeddingMonitor:
         logger.info(
             "epoch %d: %s; kNN accuracy %.3f at start -> %.3f now",
             engine.state.epoch, _format(figures), self.at_start.get("knn_accuracy", float("nan")), figures["knn_accuracy"],
+        )
+
+
+    def _at_end(self, engine: Engine) -> None:
+        if "knn_accuracy" not in engine.state.metrics or engine.state.epoch % self.interval:
+            self(engine)  # the last epoch was not evaluated
+        start, end = self.at_start["knn_accuracy"], engine.state.metrics["knn_accuracy"]
+        logger.info(
+            "kNN accuracy on the labelled split: %.3f at the start of this run (iteration %d), %.3f after training "
+            "(iteration %d): %s",
+            start, self.at_start_iteration, end, engine.state.iteration,
+            "improved" if end > start else "not improved",
         )
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from monai.networks.blocks.attention_utils import add_decomposed_rel_pos
 from torch import nn
 
-__all__ = ["SamViTEncoder", "sam_vit_b"]
+__all__ = ["LayerNorm2d", "SamViTEncoder", "sam_vit_b"]
 
 # Written here because MONAI's window helpers (monai.networks.nets.swin_unetr.window_partition/window_reverse)
 # require a grid already divisible by the window and flatten each window; SAM zero-pads the 2D channels-last grid
@@ -46,7 +46,7 @@ def _window_unpartition(
     return x[:, : hw[0], : hw[1]].contiguous()
 
 
-class _LayerNorm2d(nn.LayerNorm):
+class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channel dimension of an (N, C, H, W) map."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -238,9 +238,9 @@ class SamViTEncoder(nn.Module):
         )
         self.neck = nn.Sequential(
             nn.Conv2d(embed_dim, out_chans, kernel_size=1, bias=False),
-            _LayerNorm2d(out_chans, eps=1e-6),
+            LayerNorm2d(out_chans, eps=1e-6),
             nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
-            _LayerNorm2d(out_chans, eps=1e-6),
+            LayerNorm2d(out_chans, eps=1e-6),
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

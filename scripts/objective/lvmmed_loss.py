@@ -18,6 +18,18 @@ from scripts.objective.qap import GraphMatchingSolver, QAPBatch, linear_assignme
 __all__ = ["LVMMedLoss"]
 
 
+def _check_types(**values: tuple[object, type | tuple[type, ...]]) -> None:
+    """Refuses a hyperparameter of the wrong type (e.g. the string "no" for a switch, which would be truthy),
+    naming it. Integers are accepted where floats are expected; booleans are not accepted as numbers."""
+    for name, (value, expected) in values.items():
+        accepted = (int, float) if expected is float else expected
+        is_bool = isinstance(value, bool)
+        wrong_bool = is_bool and expected is not bool and (not isinstance(expected, tuple) or bool not in expected)
+        if wrong_bool or not isinstance(value, accepted):
+            wanted = expected.__name__ if isinstance(expected, type) else " or ".join(t.__name__ for t in expected)
+            raise TypeError(f"{name} must be {wanted}, got {value!r} ({type(value).__name__}).")
+
+
 class LVMMedLoss(nn.Module):
     """Graph-matching loss of LVM-Med.
 
@@ -84,6 +96,13 @@ class LVMMedLoss(nn.Module):
         solver: Solver | None = None,
     ) -> None:
         super().__init__()
+        _check_types(
+            embedding_dim=(embedding_dim, int), graph_size=(graph_size, int), num_neighbors=(num_neighbors, int),
+            alpha=(alpha, float), lambda_=(lambda_, float), num_samples=(num_samples, int),
+            noise_scale=(noise_scale, float), gcn_residual=(gcn_residual, bool), second_order=(second_order, bool),
+            message_passing=(message_passing, bool), local_similarity=(local_similarity, bool),
+            noise=(noise, str), local_grid_size=(local_grid_size, (int, type(None))),
+        )
         if graph_size < 2:
             raise ValueError(f"graph_size must be at least 2, got {graph_size}.")
         if not 1 <= num_neighbors < graph_size:

@@ -11,20 +11,25 @@ Graphs with n <= ``exact_max_nodes`` are solved exactly by enumerating all n! pe
 get an iterated local search that works on the edge lists only (never the dense n^2 x n^2 affinity
 matrix). It starts from the linear assignment of the unary term, from the spectral relaxation of
 Leordeanu & Hebert ("A spectral technique for correspondence problems using pairwise constraints",
-ICCV 2005) and from random permutations. Each start climbs by best-improvement 2-swaps and, at a swap
+ICCV 2005) and from linear assignments of randomly perturbed unary terms. Each start climbs by best-improvement 2-swaps and, at a swap
 optimum, by the integer fixed-point step of IPFP (Leordeanu, Hebert & Sukthankar, "An integer projected
 fixed point method for graph matching and MAP inference", NIPS 2009): the assignment maximising the
 score's gradient. Both cost O(E1 * n) per step. At a local optimum of both, a few random swaps perturb
-the start's best permutation, and the climb goes on.
+the start's best permutation, and the climb goes on. All starts of a batch climb together, one step at a time
+for all of them, so that a step is a fixed handful of tensor operations; starts that have stopped leave
+the batch. ``python -m benchmarks.solver`` measures it (``docs/performance.md``).
 
-Written by hand rather than taken from pygmtools, which would be a dependency with its own backends and
-is ~5x slower here at n=16; scipy's ``linear_sum_assignment`` does the assignment steps on the CPU.
+Written by hand rather than taken from pygmtools, which would be a dependency with its own backends, needs
+the dense n^2 x n^2 affinity matrix and is slower here (3-4x at n=16, 6-9x at n=32 against RRWM + Hungarian);
+scipy's ``linear_sum_assignment`` does the assignment steps on the CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +45,7 @@ _MAX_EXACT_NODES = 9  # 9! permutations already need a ~100 MB index table
 _LAP_LIMIT = 1e300  # scipy's assignment needs finite costs; larger magnitudes are clipped
 _POWER_ITERATIONS = 5
 _KICK_SWAPS = 3  # random transpositions that perturb a local optimum
+_START_NOISE = 0.4  # Gumbel scale of the random starts, in mean absolute deviations of the unary
 _PATIENCE = 3  # local optima in a row that do not improve a start's best before it stops
 
 
@@ -200,20 +206,18 @@ def _enumerate(problem: QAPBatch) -> Tensor:
 
 
 class _SparseProblem:
-    """Lookup tables of a QAPBatch that score candidate permutations in O(n + E1) and give their gradients
-    and all 2-swap gains in O(E1 * n + n^2). Candidates are the rows of a (K, n) tensor of permutations
-    (node i -> perms[k, i]) with owner (K,) naming their problem."""
+    """Lookup tables of a QAPBatch built once per solve: the pairwise affinities padded with a zero column,
+    graph 2's edge index of every node pair, and a rounding tolerance per problem. ``candidates`` spreads
+    them over the candidate permutations of a search."""
 
     def __init__(self, problem: QAPBatch) -> None:
         u, w = problem.unary, _masked_pairwise(problem)
         batch, n = u.shape[:2]
         e1, e2 = w.shape[1:]
         device = u.device
-        self.n, self.e1 = n, e1
+        self.n = n
         self.unary, self.pairwise = u, w
-        self.weights = F.pad(w, (0, 1)).flatten()  # (B * E1 * (E2 + 1),): column E2 of each row is zero
-        edges = torch.arange(batch, device=device)[:, None] * e1 + torch.arange(e1, device=device)
-        self.edge_base = edges * (e2 + 1)  # (B, E1): offset of each row of weights
+        self.weights = F.pad(w, (0, 1))  # (B, E1, E2 + 1): column E2 (no edge) is zero
         self.src, self.dst = problem.edges1.unbind(-1)  # (B, E1)
         self.head, self.tail = problem.edges2.unbind(-1)  # (B, E2)
         lookup = torch.full((batch, n, n), e2, dtype=torch.long, device=device)  # [a, c] -> f of edge (a, c) or E2
@@ -225,46 +229,9 @@ class _SparseProblem:
         scale = torch.maximum(u.flatten(1).abs().amax(1), F.pad(w.flatten(1).abs(), (0, 1)).amax(1))
         self.tol = 4 * torch.finfo(u.dtype).eps * (n + e1) * scale  # (B,): score changes below are rounding
 
-    def _weights(self, owner: Tensor, f: Tensor) -> Tensor:
-        """pairwise[owner, e, f] for edge indices f (K, E1, ...) of graph 2 (E2: none, weight 0)."""
-        base = self.edge_base.index_select(0, owner).view(*f.shape[:2], *([1] * (f.dim() - 2)))
-        return self.weights.index_select(0, (base + f).flatten()).view(f.shape)
-
-    def _targets(self, perms: Tensor, owner: Tensor) -> tuple[Tensor, Tensor]:
-        """(p[i_e], p[j_e]), each (K, E1)."""
-        src, dst = self.src.index_select(0, owner), self.dst.index_select(0, owner)
-        return perms.gather(1, src), perms.gather(1, dst)
-
-    def _edge_weights(self, owner: Tensor, head: Tensor, tail: Tensor) -> Tensor:
-        """(K, E1): pairwise[e, f] for f = edge (head[k, e], tail[k, e]) of graph 2."""
-        pos = (owner[:, None] * self.n + head) * self.n + tail
-        return self._weights(owner, self.lookup.view(-1).index_select(0, pos.flatten()).view(pos.shape))
-
-    def score(self, perms: Tensor, owner: Tensor) -> Tensor:
-        """(K,) scores of the candidates."""
-        pos = (owner[:, None] * self.n + torch.arange(self.n, device=perms.device)) * self.n + perms
-        linear = self.unary.view(-1).index_select(0, pos.flatten()).view(pos.shape).sum(1)
-        return linear + self._edge_weights(owner, *self._targets(perms, owner)).sum(1)
-
-    def gradient_and_swap_gains(self, perms: Tensor, owner: Tensor) -> tuple[Tensor, Tensor]:
-        """(K, n, n) score gradients w.r.t. X at the candidates, and (K, n, n) gains[k, i, j]: the score
-        change of swapping the targets of nodes i and j."""
-        k, n = perms.shape
-        head, tail = self._targets(perms, owner)
-        src, dst = self.src.index_select(0, owner), self.dst.index_select(0, owner)
-        rows = (k, self.e1, n)
-        # G[i_e, c] += w[e, (c, p[j_e])] and G[j_e, c] += w[e, (p[i_e], c)]
-        from_src = self._weights(owner, self.lookup_t.index_select(0, (owner[:, None] * n + tail).flatten()).view(rows))
-        from_dst = self._weights(owner, self.lookup.index_select(0, (owner[:, None] * n + head).flatten()).view(rows))
-        grad = self.unary.index_select(0, owner)
-        grad.scatter_add_(1, src[..., None].expand(rows), from_src)
-        grad.scatter_add_(1, dst[..., None].expand(rows), from_dst)
-        # the first-order gain counts an edge between the swapped nodes as -2 * old; the truth is new - old
-        between = from_dst.gather(2, tail[..., None]).squeeze(2) + self._edge_weights(owner, tail, head)
-        fix = grad.new_zeros(k, n * n).scatter_add_(1, src * n + dst, between).scatter_add_(1, dst * n + src, between)
-        at = grad.gather(2, perms[:, None, :].expand(-1, n, -1))  # at[i, j] = G[i, p[j]]
-        own = at.diagonal(dim1=1, dim2=2)
-        return grad, at + at.mT - own[:, :, None] - own[:, None, :] + fix.view(k, n, n)
+    def candidates(self, owner: Tensor) -> _Candidates:
+        """The tables for K candidate permutations, candidate k belonging to problem owner[k]."""
+        return _Candidates(self, owner)
 
     def _affinity(self, unary: Tensor, pairwise: Tensor, v: Tensor) -> Tensor:
         """M v for the symmetric affinity M = diag(unary) + K + K^T and v (B, n, n); O(E1 * E2)."""
@@ -295,9 +262,75 @@ class _SparseProblem:
         return v
 
 
+class _Candidates:
+    """K candidate permutations (rows of a (K, n) tensor, node i -> perms[k, i]) of the problems of a
+    _SparseProblem, with that problem's tables gathered once per candidate. Scores cost O(n + E1) and
+    gradients with all 2-swap gains O(E1 * n + n^2) per candidate, in a fixed handful of tensor operations
+    on all K at once: the search is bound by the number of operations per step, not by arithmetic."""
+
+    def __init__(self, problem: _SparseProblem, owner: Tensor) -> None:
+        n, k = problem.n, owner.numel()
+        self.n = n
+        self.lookup, self.lookup_t = problem.lookup, problem.lookup_t
+        self.src, self.dst = problem.src.index_select(0, owner), problem.dst.index_select(0, owner)  # (K, E1)
+        e1 = self.src.shape[1]
+        self.weights = problem.weights.index_select(0, owner)  # (K, E1, E2 + 1), column E2 (no edge) is zero
+        self.row_base = owner[:, None] * n  # (K, 1): first lookup row of each candidate's problem
+        self.unary = problem.unary.index_select(0, owner)  # (K, n, n)
+        self.tol = problem.tol.index_select(0, owner)  # (K,)
+        self.rows = (k, e1, n)
+        first_row = torch.arange(k, device=owner.device)[:, None] * n  # rows of the (K * n, n) gradient
+        self.src_rows, self.dst_rows = (first_row + self.src).flatten(), (first_row + self.dst).flatten()
+        self.node_pairs = torch.cat([self.src * n + self.dst, self.dst * n + self.src], 1)  # (K, 2 E1)
+
+    def _edge_weights(self, head: Tensor, tail: Tensor) -> Tensor:
+        """(K, E1): pairwise[e, f] for f = edge (head[k, e], tail[k, e]) of graph 2 (0 when no edge)."""
+        f = self.lookup.view(-1).take((self.row_base + head) * self.n + tail)
+        return self.weights.gather(2, f[..., None]).squeeze(2)
+
+    def score(self, perms: Tensor) -> Tensor:
+        """(K,) scores of the candidates."""
+        linear = self.unary.gather(2, perms[..., None]).sum((1, 2))
+        return linear + self._edge_weights(perms.gather(1, self.src), perms.gather(1, self.dst)).sum(1)
+
+    def gradient_and_swap_gains(self, perms: Tensor) -> tuple[Tensor, Tensor]:
+        """(K, n, n) score gradients w.r.t. X at the candidates, and (K, n, n) gains[k, i, j]: the score
+        change of swapping the targets of nodes i and j."""
+        k, n = perms.shape
+        head, tail = perms.gather(1, self.src), perms.gather(1, self.dst)
+        # G[i_e, c] += w[e, (c, p[j_e])] and G[j_e, c] += w[e, (p[i_e], c)]
+        into_src = self.lookup_t.index_select(0, (self.row_base + tail).flatten()).view(self.rows)
+        into_dst = self.lookup.index_select(0, (self.row_base + head).flatten()).view(self.rows)
+        from_src, from_dst = self.weights.gather(2, into_src), self.weights.gather(2, into_dst)
+        grad = self.unary.clone()
+        grad.view(k * n, n).index_add_(0, self.src_rows, from_src.view(-1, n)).index_add_(0, self.dst_rows, from_dst.view(-1, n))
+        # the first-order gain counts an edge between the swapped nodes as -2 * old; the truth is new - old
+        between = from_dst.gather(2, tail[..., None]).squeeze(2) + self._edge_weights(tail, head)
+        fix = grad.new_zeros(k, n * n).scatter_add_(1, self.node_pairs, torch.cat([between, between], 1))
+        at = grad.gather(2, perms[:, None, :].expand(-1, n, -1))  # at[i, j] = G[i, p[j]]
+        own = at.diagonal(dim1=1, dim2=2)
+        return grad, at + at.mT - own[:, :, None] - own[:, None, :] + fix.view(k, n, n)
+
+
 def _transpose(perms: Tensor, first: Tensor, second: Tensor) -> Tensor:
     """Permutations (K, n) with their entries at positions first and second (K, 1) exchanged."""
     return perms.scatter(1, first, perms.gather(1, second)).scatter(1, second, perms.gather(1, first))
+
+
+@contextlib.contextmanager
+def _single_threaded(device: torch.device) -> Iterator[None]:
+    """Runs torch's CPU operations on one thread. The local search is many operations on tensors of a few
+    thousand entries, where waking intra-op threads costs more than it saves (and, on a busy machine,
+    waiting for them costs up to 10x the work)."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class GraphMatchingSolver:
@@ -305,10 +338,11 @@ class GraphMatchingSolver:
 
     Returns (B, n, n) permutation matrices in unary's dtype and device, without autograd graph.
     n <= exact_max_nodes (at most 9): exact, by enumeration. Otherwise iterated local search from
-    2 + random_starts starts per problem (LAP of the unary, spectral, random). Each step takes the best
-    improving 2-swap or, when there is none, the IPFP jump to the LAP of the gradient if it improves. At a
-    local optimum of both, the start goes on from its best permutation perturbed by 3 random swaps, until
+    2 + random_starts starts per problem (LAP of the unary, spectral, LAPs of the unary perturbed by Gumbel
+    noise). Each step takes the best improving 2-swap or, when there is none, the IPFP jump to the LAP of the
+    gradient if it improves. At a local optimum of both, the start goes on from its best permutation perturbed by 3 random swaps, until
     that fails to improve it 3 times in a row or it has taken max_iterations steps; the best start wins.
+    All starts of all problems advance together, one batched step at a time (on one thread on a CPU).
     seed seeds the solver's generator for the random starts and perturbations (None: random).
     """
 
@@ -343,59 +377,92 @@ class GraphMatchingSolver:
         elif n <= self.exact_max_nodes:
             perms = _enumerate(problem)
         else:
-            perms = self._local_search(_SparseProblem(problem))
+            with _single_threaded(u.device):
+                perms = self._local_search(_SparseProblem(problem))
         return F.one_hot(perms, n).to(u.dtype)
 
     def _random_ints(self, low: int, high: int, size: tuple[int, ...], device: torch.device) -> Tensor:
         return torch.randint(low, high, size, generator=self._generator).to(device)
 
+    def _random_starts(self, problem: _SparseProblem) -> Tensor:
+        """(B, random_starts, n) LAPs of the unary perturbed by Gumbel noise of a fifth of its spread: diverse
+        starts that, unlike uniformly random permutations, need only a few swaps to reach a local optimum."""
+        u = problem.unary
+        batch, n = u.shape[:2]
+        uniform = torch.rand(batch, self.random_starts, n, n, generator=self._generator, dtype=u.dtype)
+        gumbel = -torch.log(-torch.log(uniform.clamp(1e-12, 1 - 1e-7))).to(u.device)
+        spread = (u - u.mean((1, 2), keepdim=True)).abs().mean((1, 2))[:, None, None, None]
+        return _lap_columns(u[:, None] + _START_NOISE * spread * gumbel)
+
+    def _perturbations(self, steps: int, count: int, n: int, device: torch.device) -> Tensor:
+        """(steps, count, n) index permutations, each the product of 3 random transpositions."""
+        identity = torch.arange(n, device=device).expand(steps * count, n)
+        first = self._random_ints(0, n, (_KICK_SWAPS, steps * count, 1), device)
+        second = (first + self._random_ints(1, n, first.shape, device)) % n
+        for swap in range(_KICK_SWAPS):
+            identity = _transpose(identity, first[swap], second[swap])
+        return identity.view(steps, count, n)
+
     def _local_search(self, problem: _SparseProblem) -> Tensor:
         """(B, n) best permutation found per problem; n >= 2."""
         batch, n = problem.unary.shape[:2]
         device = problem.unary.device
-        random = torch.rand(batch, self.random_starts, n, generator=self._generator).argsort(-1).to(device)
-        starts = [_lap_columns(problem.unary)[:, None], _lap_columns(problem.spectral())[:, None], random]
-        perms = torch.cat(starts, 1).flatten(0, 1)  # (K, n), K = B * S candidates
+        starts = [_lap_columns(problem.unary)[:, None], _lap_columns(problem.spectral())[:, None]]
+        perms = torch.cat([*starts, self._random_starts(problem)], 1).flatten(0, 1)  # (K, n), K = B * S
         owner = torch.arange(batch, device=device).repeat_interleave(perms.shape[0] // batch)
-        scores = problem.score(perms, owner)
-        best, best_scores = perms.clone(), scores.clone()
+        search = problem.candidates(owner)
+        kicks = self._perturbations(self.max_iterations, owner.numel(), n, device)
+        # row i * n + j: the index permutation that swaps the targets of nodes i and j (i < j)
+        pairs = torch.ones(n, n, dtype=torch.bool, device=device).triu(1).flatten().nonzero().squeeze(1)
+        swaps = _transpose(torch.arange(n, device=device).expand(pairs.numel(), n), (pairs // n)[:, None],
+                           (pairs % n)[:, None])
+        scores = search.score(perms)
+        best, best_scores = perms, scores
         improved = torch.ones_like(owner, dtype=torch.bool)  # best improved since the last local optimum
         failures = torch.zeros_like(owner)  # local optima in a row that did not improve the best
-        upper = torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
-        index = torch.arange(owner.numel(), device=device)  # candidates still searching
-        for _ in range(self.max_iterations):
-            index = index.masked_select(failures.index_select(0, index) < _PATIENCE)
-            if index.numel() == 0:
+        found = best.clone()  # (K, n): best permutation of every start, written back when it leaves the search
+        ids = torch.arange(owner.numel(), device=device)  # start of each candidate still in the search
+        for step in range(self.max_iterations):
+            searching = failures < _PATIENCE
+            active = int(searching.sum())
+            if active == 0:
                 break
-            p, o, s, top, top_scores, fails, rising = (
-                t.index_select(0, index) for t in (perms, owner, scores, best, best_scores, failures, improved)
-            )
-            tol = problem.tol.index_select(0, o)
-            grad, gains = problem.gradient_and_swap_gains(p, o)
-            swap_gain, swap = gains.masked_fill(~upper, -torch.inf).flatten(1).max(1)
-            use_swap = swap_gain > tol
-            stuck = (~use_swap).nonzero().squeeze(1)
-            jumps = p.index_copy(0, stuck, _lap_columns(grad.index_select(0, stuck)))
-            use_jump = ~use_swap & (problem.score(jumps, o) - s > tol)
-            swapped = _transpose(p, (swap // n)[:, None], (swap % n)[:, None])
-            p = torch.where(use_jump[:, None], jumps, torch.where(use_swap[:, None], swapped, p))
-            s = problem.score(p, o)
-            better = s > top_scores
-            best.index_copy_(0, index, torch.where(better[:, None], p, top))
-            best_scores.index_copy_(0, index, torch.where(better, s, top_scores))
-            local = ~use_swap & ~use_jump
-            rising |= better
-            fails = torch.where(local, torch.where(rising, 0, fails + 1), fails)
-            failures.index_copy_(0, index, fails)
-            improved.index_copy_(0, index, rising & ~local)
+            if active <= ids.numel() // 2:  # drop finished starts: each step costs O(candidates)
+                found.index_copy_(0, ids, best)
+                keep = searching.nonzero().squeeze(1)
+                perms, scores, best, best_scores, improved, failures, ids = (
+                    t.index_select(0, keep) for t in (perms, scores, best, best_scores, improved, failures, ids)
+                )
+                searching, kicks = searching.index_select(0, keep), kicks.index_select(1, keep)
+                search = problem.candidates(owner.index_select(0, ids))
+            grad, gains = search.gradient_and_swap_gains(perms)
+            swap_gain, swap = gains.flatten(1).index_select(1, pairs).max(1)
+            use_swap = searching & (swap_gain > search.tol)
+            stuck = (searching & ~use_swap).nonzero().squeeze(1)
+            use_jump = torch.zeros_like(use_swap)
+            if stuck.numel():
+                jumps = perms.index_copy(0, stuck, _lap_columns(grad.index_select(0, stuck)))
+                jump_scores = search.score(jumps)
+                use_jump = (jump_scores - scores > search.tol) & searching & ~use_swap
+                perms = torch.where(use_jump[:, None], jumps, perms)
+                scores = torch.where(use_jump, jump_scores, scores)
+            perms = torch.where(use_swap[:, None], perms.gather(1, swaps.index_select(0, swap)), perms)
+            scores = torch.where(use_swap, scores + swap_gain, scores)  # the gain is the exact change
+            better = scores > best_scores
+            best = torch.where(better[:, None], perms, best)
+            best_scores = torch.where(better, scores, best_scores)
+            local = searching & ~(use_swap | use_jump)
+            rising = improved | better
+            failures = torch.where(local, torch.where(rising, 0, failures + 1), failures)
+            improved = rising & ~local
             # iterated local search: a start at a local optimum goes on from its best permutation, perturbed
-            kick = local & (fails < _PATIENCE)
-            kicked = best.index_select(0, index)
-            for _ in range(_KICK_SWAPS):
-                first = self._random_ints(0, n, (index.numel(), 1), device)
-                second = (first + self._random_ints(1, n, first.shape, device)) % n
-                kicked = _transpose(kicked, first, second)
-            perms.index_copy_(0, index, torch.where(kick[:, None], kicked, p))
-            scores.index_copy_(0, index, torch.where(kick, problem.score(kicked, o), s))
-        choice = best_scores.view(batch, -1).argmax(1)
+            kick = local & (failures < _PATIENCE)
+            if bool(kick.any()):
+                kicked = best.gather(1, kicks[step])
+                perms = torch.where(kick[:, None], kicked, perms)
+                scores = torch.where(kick, search.score(kicked), scores)
+        found.index_copy_(0, ids, best)
+        best, search = found, problem.candidates(owner)
+        # rescored: the running scores add up swap gains and carry their rounding
+        choice = search.score(best).view(batch, -1).argmax(1)
         return best.view(batch, -1, n).gather(1, choice.view(-1, 1, 1).expand(-1, 1, n)).squeeze(1)
