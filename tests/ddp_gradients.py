@@ -7,6 +7,7 @@ writes the DDP-averaged gradients of rank 0 to the file given as argument.
 from __future__ import annotations
 
 import sys
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -44,7 +45,8 @@ def gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def main(output: str) -> None:
-    dist.init_process_group(backend="gloo")
+    # a collective that waits longer than this fails with an error instead of hanging the test until its timeout
+    dist.init_process_group(backend="gloo", timeout=timedelta(seconds=120))
     rank, world = dist.get_rank(), dist.get_world_size()
     model = DistributedDataParallel(build_model())
     share = slice(rank * NUM_IMAGES // world, (rank + 1) * NUM_IMAGES // world)

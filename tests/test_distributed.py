@@ -16,7 +16,7 @@ from ddp_gradients import build_model, fixed_batch, gradients  # noqa: E402
 def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
     environment = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
-    return subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=300)
 
 
 def test_two_process_ddp_gradients_equal_single_process(tmp_path: Path) -> None:
