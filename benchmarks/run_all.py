@@ -1,8 +1,8 @@
 """All benchmarks of issue 7 in one command, with every target marked met / not met.
 
-``python -m benchmarks.run_all [--quick] [--threads N] [--only solver step inference data]`` prints the tables
-of ``benchmarks.solver``, ``benchmarks.step_breakdown``, ``benchmarks.inference`` and
-``benchmarks.data_loading`` in Markdown, then a summary of the targets. ``--quick`` is a smoke run at tiny
+``python -m benchmarks.run_all [--quick] [--threads N] [--only solver objective step inference data augmentation data_scale]``
+prints the tables of ``benchmarks.solver``, ``benchmarks.objective_profile``, ``benchmarks.step_breakdown``, ``benchmarks.inference``,
+``benchmarks.data_loading``, ``benchmarks.augmentation`` and ``benchmarks.data_scale`` in Markdown, then a summary of the targets. ``--quick`` is a smoke run at tiny
 sizes whose timing targets are "not judged". The full run takes tens of minutes on a 2-core CPU (one
 ResNet-50 step at 224 x 224, batch 32, takes about two minutes there). Exit status 0 whatever the verdicts:
 a benchmark reports, it does not gate.
@@ -15,16 +15,19 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks import data_loading, inference, solver, step_breakdown
+from benchmarks import augmentation, data_loading, data_scale, inference, objective_profile, solver, step_breakdown
 from benchmarks.common import Report, default_device, machine_summary
 
 __all__ = ["BENCHMARKS", "run_all"]
 
 BENCHMARKS: dict[str, Callable[[bool], Report]] = {
     "solver": lambda quick: solver.run(quick),
+    "objective": lambda quick: objective_profile.run(quick),
     "step": lambda quick: step_breakdown.run(quick),
     "inference": lambda quick: inference.run(quick),
     "data": lambda quick: data_loading.run(quick),
+    "augmentation": lambda quick: augmentation.run(quick),
+    "data_scale": lambda quick: data_scale.run(quick),
 }
 
 

@@ -117,7 +117,7 @@ def run(quick: bool = False, setting: StepSetting | None = None) -> Report:
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     network = LVMMedNetwork(ResNet50Encoder(), ProjectionHead(2048, 128)).to(device).train()
-    losses = {s: LVMMedLoss(graph_size=setting.graph_size, num_neighbors=setting.num_neighbors, lambda_=80.0, num_samples=s).to(device) for s in (1, 2)}
+    losses = {s: LVMMedLoss(graph_size=setting.graph_size, num_neighbors=setting.num_neighbors, num_samples=s).to(device) for s in (1, 2)}
     data = _inputs(setting, device, generator)
 
     def encode(images: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -4,7 +4,7 @@
 noisy views of random vectors (no feature maps, so the local affinity is off) for each setting and
 prints the share of images matched to their own other view, averaged over the first and the last
 20 steps. It is the measurement behind two defaults of ``LVMMedLoss``: the residual GCN and the
-Gumbel scale (``docs/objective.md``).
+Gumbel scale; it also shows how lambda acts (``docs/objective.md``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,10 @@ SETTINGS: dict[str, dict] = {
     "Gumbel scale 1.0": {"noise_scale": 1.0},
     "no second order": {"second_order": False},
     "no message passing": {"message_passing": False},
-    "no Gumbel noise": {"noise": "none"},
+    "no Gumbel noise (margin 1)": {"noise": "none"},
+    "lambda 0.1": {"lambda_": 0.1},
+    "lambda 10": {"lambda_": 10.0},
+    "lambda 10^4 (saturating)": {"lambda_": 1e4},
 }
 
 

@@ -7,7 +7,7 @@ anything is written, and :func:`monai.apps.utils.extractall` (which re-checks ea
 
 Usage::
 
-    python -m bundle.install --url file:///path/lvm_med_v0.1.0.zip --sha256 <digest> --bundle-dir bundles
+    python -m bundle.install --url file:///path/lvm_med_v<version>.zip --sha256 <digest> --bundle-dir bundles
     python -m monai.bundle download_large_files --bundle_path bundles/lvm_med
 """
 

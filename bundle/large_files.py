@@ -129,7 +129,7 @@ def check_large_files(bundle_root: str | Path, allow_unhashed: bool = False) -> 
         raise LargeFilesError(
             f"{root / LARGE_FILES_NAME} has no hash_val for {', '.join(e.path for e in unhashed)}: downloads of them "
             "would not be verified (record the digests with python -m bundle.large_files --record once the files "
-            "are in place, or pass --allow-unhashed)"
+            "are in place)"
         )
     for entry in entries:
         local = root / entry.path

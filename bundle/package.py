@@ -6,18 +6,26 @@ The archive has the zoo layout, one top folder named after the bundle::
         LICENSE  large_files.yml
         configs/  metadata.json, inference.json, ...
         docs/     README.md, data_license.txt, ...
-        models/   (no weights: they are fetched by ``monai.bundle download_large_files``)
+        models/   model.pt, the served weights (``make model``); other weights are fetched by
+                  ``monai.bundle download_large_files`` from ``large_files.yml``
         scripts/  the Python code the configs import
 
+The served weights ``models/model.pt`` travel in the archive, as in the model zoo's release archives (there is no
+URL to fetch them from): packing refuses to run without them unless ``large_files.yml`` lists them. Every other
+weight file is left out; ``large_files.yml`` names where it comes from.
+
 Before writing, it checks that ``metadata.json``'s ``version`` has an entry in its ``changelog``, that
-``large_files.yml`` is well formed with known digests (and that local copies of the listed files match them), and
-that no file other than the listed ones is larger than ``max_file_mb``. Weight files are never packed.
-The archive is reproducible (sorted entries, fixed timestamps), so its sha256 identifies the content.
+``large_files.yml`` is well formed (and that local copies of the listed files match their digests), and that no file
+other than the weights is larger than ``max_file_mb``. Entries without a digest (the official LVM-Med files, whose
+sha256 nobody has recorded yet: this workplace is offline) are packed with a warning naming them, as MONAI's
+``download_large_files`` fetches them with a warning; ``--require-hashes`` refuses them (for a release whose
+digests are known). The archive is reproducible (sorted entries, fixed timestamps), so its sha256 identifies it.
 
-Usage::
+Usage (the archive's name comes from ``metadata.json``: ``<name>_v<version>.zip``)::
 
-    python -m bundle.package --output-dir dist            # -> dist/lvm_med_v0.1.0.zip and its sha256
-    python -m monai.bundle download --name lvm_med --url file://$PWD/dist/lvm_med_v0.1.0.zip --bundle_dir bundles
+    make model                                            # models/model.pt, if not there yet
+    python -m bundle.package --output-dir dist            # -> dist/lvm_med_v0.2.0.zip and its sha256
+    python -m monai.bundle download --name lvm_med --url file://$PWD/dist/lvm_med_v0.2.0.zip --bundle_dir bundles
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import argparse
 import fnmatch
 import json
 import re
+import shutil
 import sys
 import zipfile
 from dataclasses import dataclass
@@ -42,7 +51,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TOP_LEVEL = ("LICENSE", LARGE_FILES_NAME, "configs", "docs", "models", "scripts")
 EXCLUDED_NAMES = ("__pycache__", ".pytest_cache", ".hypothesis", ".ipynb_checkpoints", ".DS_Store", ".git*")
 EXCLUDED_FILES = ("*.pyc", "*.pyo", ".tmp-*", "*.swp", "*~")
-# Weights reach users through large_files.yml only (zoo convention), whatever their size.
+# The weights configs/inference.json serves: packed (uncompressed: weights do not deflate) unless large_files.yml
+# lists them. Every other weight file reaches users through large_files.yml only, whatever its size.
+SERVED_WEIGHTS = "models/model.pt"
 WEIGHT_PATTERNS = ("*.pt", "*.pth", "*.torch", "*.ts", "*.onnx", "*.ckpt", "*.safetensors", "*.bin", "*.engine")
 _FIXED_TIME = (1980, 1, 1, 0, 0, 0)
 
@@ -53,12 +64,14 @@ class PackagingError(ValueError):
 
 @dataclass(frozen=True)
 class PackageResult:
-    """The written archive, its sha256, the packed paths (relative to the bundle root) and the skipped weights."""
+    """The written archive, its sha256, the packed paths (relative to the bundle root, the served weights included),
+    the weights left out and the ``large_files.yml`` entries without digest."""
 
     path: Path
     sha256: str
     files: tuple[str, ...]
     skipped_weights: tuple[str, ...]
+    unhashed: tuple[str, ...] = ()
 
 
 def _metadata(bundle_root: Path) -> dict:
@@ -141,7 +154,7 @@ def build_package(
     bundle_root: str | Path = REPO_ROOT,
     output_dir: str | Path = "dist",
     name: str | None = None,
-    allow_unhashed: bool = False,
+    require_hashes: bool = False,
     max_file_mb: float = 25.0,
 ) -> PackageResult:
     """Checks the bundle and writes ``<output_dir>/<name>_v<version>.zip`` atomically.
@@ -150,11 +163,13 @@ def build_package(
         bundle_root: the folder holding ``configs/metadata.json``.
         output_dir: where the archive is written (created if needed).
         name: the top folder and file-name stem; from ``metadata.json``'s ``name`` when None.
-        allow_unhashed: accept ``large_files.yml`` entries without ``hash_val`` (their downloads are not verified).
+        require_hashes: refuse ``large_files.yml`` entries without ``hash_val`` (by default they are packed and
+            reported in ``PackageResult.unhashed``: their downloads are not verified).
         max_file_mb: largest non-weight file accepted in the archive.
 
     Raises:
-        PackagingError: see :func:`bundle_version`, :func:`collect_files`, and ``large_files.yml`` problems.
+        PackagingError: see :func:`bundle_version`, :func:`collect_files`, ``large_files.yml`` problems, and
+            ``models/model.pt`` neither present nor listed in ``large_files.yml``.
 
     Example::
 
@@ -167,12 +182,21 @@ def build_package(
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_]*", name):
         raise PackagingError(f"bundle name {name!r} must be letters, digits and underscores")
     try:
-        check_large_files(root, allow_unhashed=allow_unhashed)
+        unhashed = check_large_files(root, allow_unhashed=not require_hashes)
         listed = {entry.path for entry in read_large_files(root)}
     except LargeFilesError as error:
         raise PackagingError(str(error)) from error
     packed, weights = collect_files(root, max_file_mb)
     packed = [path for path in packed if path not in listed]
+    if SERVED_WEIGHTS not in listed:
+        if SERVED_WEIGHTS not in weights:
+            raise PackagingError(
+                f"{root / SERVED_WEIGHTS} is missing: the archive carries the weights configs/inference.json serves; "
+                "make them with `make model` (configs/train.json on the embedded data) or put your trained network's "
+                f"state dict there (or list {SERVED_WEIGHTS} in {LARGE_FILES_NAME} with its url and sha256)"
+            )
+        weights.remove(SERVED_WEIGHTS)
+        packed = sorted([*packed, SERVED_WEIGHTS])
     for required in ("configs/metadata.json", LARGE_FILES_NAME, "LICENSE"):
         if required not in packed:
             raise PackagingError(f"{root / required} is missing: the zoo layout needs it")
@@ -187,12 +211,14 @@ def build_package(
             for relative in packed:
                 info = zipfile.ZipInfo(f"{name}/{relative}", _FIXED_TIME)
                 info.external_attr = 0o100644 << 16
-                info.compress_type = zipfile.ZIP_DEFLATED
-                archive.writestr(info, (root / relative).read_bytes())
+                info.compress_type = zipfile.ZIP_STORED if relative == SERVED_WEIGHTS else zipfile.ZIP_DEFLATED
+                with archive.open(info, "w") as member, open(root / relative, "rb") as source:
+                    shutil.copyfileobj(source, member, 1 << 20)
 
     archive_path = write_atomically(Path(output_dir) / f"{name}_v{version}.zip", write)
     return PackageResult(
-        path=archive_path, sha256=file_digest(archive_path), files=tuple(packed), skipped_weights=tuple(weights)
+        path=archive_path, sha256=file_digest(archive_path), files=tuple(packed), skipped_weights=tuple(weights),
+        unhashed=tuple(entry.path for entry in unhashed),
     )
 
 
@@ -201,14 +227,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle-root", type=Path, default=REPO_ROOT, help="folder holding configs/metadata.json")
     parser.add_argument("--output-dir", type=Path, default=Path("dist"), help="where the zip is written")
     parser.add_argument("--name", default=None, help="bundle folder name (default: from metadata.json)")
-    parser.add_argument("--allow-unhashed", action="store_true", help="accept large files without hash_val")
+    parser.add_argument("--require-hashes", action="store_true", help="refuse large_files.yml entries without hash_val")
     parser.add_argument("--max-file-mb", type=float, default=25.0, help="largest non-weight file packed")
     args = parser.parse_args(argv)
     try:
-        result = build_package(args.bundle_root, args.output_dir, args.name, args.allow_unhashed, args.max_file_mb)
+        result = build_package(args.bundle_root, args.output_dir, args.name, args.require_hashes, args.max_file_mb)
     except PackagingError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    for path in result.unhashed:
+        print(f"warning: {LARGE_FILES_NAME} has no sha256 for {path}: its download is not verified "
+              "(record it with python -m bundle.large_files --record once the file is in place)", file=sys.stderr)
     for path in result.skipped_weights:
         print(f"left out weight file {path} (fetched through {LARGE_FILES_NAME})", file=sys.stderr)
     print(f"{result.path}: {len(result.files)} files")

@@ -20,7 +20,11 @@ def write_atomically(path: str | Path, write: Callable[[Path], object]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    write(temporary)
+    try:
+        write(temporary)
+    except BaseException:  # a failed write (disk full, interrupt) leaves neither a partial file nor the target touched
+        temporary.unlink(missing_ok=True)
+        raise
     os.replace(temporary, path)
     return path
 

@@ -1,10 +1,12 @@
-"""Model-zoo packaging, installation through MONAI's own commands, hash-checked large files and safe extraction."""
+"""Model-zoo packaging, installation through MONAI's own commands, hash-checked large files, safe extraction, and
+the checks of the model zoo's CI (``ci/verify_bundle.py`` of Project-MONAI/model-zoo) on the installed archive."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -18,8 +20,11 @@ from monai.bundle import download, download_large_files
 
 from bundle.install import UnsafeArchiveError, check_archive_members, install_bundle
 from bundle.large_files import LargeFilesError, check_large_files, file_digest, read_large_files, record_digests
-from bundle.package import PackagingError, build_package, bundle_version, main
-from conftest import REPO_ROOT
+from bundle.package import PackagingError, build_package, bundle_name, bundle_version, main
+from conftest import REPO_ROOT, SHARED
+from zoo_staging import staged_bundle
+
+META_SCHEMA = SHARED / "monai" / "meta_schema_20240725.json"
 
 
 def _sha256(path: Path) -> str:
@@ -27,7 +32,7 @@ def _sha256(path: Path) -> str:
 
 
 def _write_large_files(root: Path, entries: list[dict]) -> None:
-    lines = ["large_files:"]
+    lines = ["large_files:" if entries else "large_files: []"]
     for entry in entries:
         lines.append(f'  - path: "{entry["path"]}"')
         lines.extend(f'    {key}: "{entry[key]}"' for key in ("url", "hash_type", "hash_val") if key in entry)
@@ -130,14 +135,56 @@ def test_repository_large_file_list_is_well_formed_and_names_the_release_weights
     assert set(entries) >= {"models/sam_vit_b_01ec64.pth", "models/lvmmed_resnet.torch", "models/lvmmed_vit.pth"}
     assert all(entry.hash_type == "sha256" for entry in entries.values())
     assert len(entries["models/sam_vit_b_01ec64.pth"].hash_val) == 64
+    # the official README's links of 2025-03-18 (Google Drive file ids)
+    assert "1p31IGo97g3ng9bOaq3eL8JaljfoCcBx0" in entries["models/lvmmed_resnet.torch"].url
+    assert "1DOM3uyK8SGE5XRF1L6K6K_BWPfpPePRD" in entries["models/lvmmed_vit.pth"].url
     check_large_files(REPO_ROOT, allow_unhashed=True)
+
+
+def test_package_refuses_a_listed_file_present_with_another_digest(small_bundle, tmp_path):
+    (small_bundle / "models" / "model.pt").write_bytes(b"not the listed weights")
+    with pytest.raises(PackagingError, match=r"model\.pt does not match its sha256 in large_files\.yml"):
+        build_package(small_bundle, tmp_path / "dist")
+    assert not (tmp_path / "dist").exists() or not any((tmp_path / "dist").iterdir())
+
+
+def test_package_needs_the_served_weights_and_names_the_command(small_bundle, tmp_path):
+    _write_large_files(small_bundle, [])
+    (small_bundle / "models" / "model.pt").unlink()
+    with pytest.raises(PackagingError, match=r"models/model\.pt is missing.*`make model`"):
+        build_package(small_bundle, tmp_path / "dist")
+    torch.save({"w": torch.ones(2)}, small_bundle / "models" / "model.pt")
+    result = build_package(small_bundle, tmp_path / "dist")
+    assert "models/model.pt" in result.files and result.skipped_weights == ()
+    with zipfile.ZipFile(result.path) as archive:
+        member = archive.getinfo("tiny_bundle/models/model.pt")
+        assert member.compress_type == zipfile.ZIP_STORED
+        assert archive.read(member) == (small_bundle / "models" / "model.pt").read_bytes()
+
+
+def test_unhashed_entries_are_packed_with_a_warning_unless_hashes_are_required(small_bundle, tmp_path, capsys):
+    torch.save({"w": torch.ones(2)}, small_bundle / "models" / "model.pt")
+    _write_large_files(small_bundle, [{"path": "models/encoder.pt", "url": "https://example.org/encoder.pt",
+                                       "hash_type": "sha256", "hash_val": ""}])
+    assert build_package(small_bundle, tmp_path / "dist").unhashed == ("models/encoder.pt",)
+    with pytest.raises(PackagingError, match="no hash_val for models/encoder.pt"):
+        build_package(small_bundle, tmp_path / "strict", require_hashes=True)
+    assert main(["--bundle-root", str(small_bundle), "--output-dir", str(tmp_path / "cli")]) == 0
+    assert "warning: large_files.yml has no sha256 for models/encoder.pt" in capsys.readouterr().err
+    assert main(["--bundle-root", str(small_bundle), "--output-dir", str(tmp_path / "cli"), "--require-hashes"]) == 1
 
 
 @pytest.fixture(scope="module")
 def repository_package(tmp_path_factory) -> tuple[Path, str]:
-    """This repository packaged as the zoo archive (the LVM-Med release digests are not recorded yet)."""
-    result = build_package(REPO_ROOT, tmp_path_factory.mktemp("dist"), allow_unhashed=True)
-    return result.path, result.sha256
+    """This bundle, as a fresh clone plus ``models/model.pt``, packaged by the documented command
+    ``python -m bundle.package --output-dir dist`` (the LVM-Med release digests are not recorded: warnings)."""
+    source = staged_bundle(tmp_path_factory.mktemp("clone"))
+    done = subprocess.run([sys.executable, "-m", "bundle.package", "--bundle-root", str(source), "--output-dir",
+                           str(source / "dist")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    path = Path(done.stdout.split(":")[0])
+    assert path == source / "dist" / f"{bundle_name(REPO_ROOT)}_v{bundle_version(REPO_ROOT)}.zip"
+    return path, re.search(r"sha256 ([0-9a-f]{64})", done.stdout).group(1)
 
 
 def test_repository_archive_is_named_after_metadata_and_holds_the_bundle(repository_package):
@@ -148,7 +195,10 @@ def test_repository_archive_is_named_after_metadata_and_holds_the_bundle(reposit
     assert {"lvm_med/configs/metadata.json", "lvm_med/large_files.yml", "lvm_med/scripts/convert_weights.py"} <= set(
         names
     )
-    assert not [n for n in names if "/tests/" in n or "/.venv" in n or "__pycache__" in n or n.endswith((".pt", ".pth"))]
+    assert "lvm_med/models/model.pt" in names  # the served weights travel in the archive, as in the zoo's releases
+    weights = [n for n in names if n.endswith((".pt", ".pth", ".torch"))]
+    assert weights == ["lvm_med/models/model.pt"]
+    assert not [n for n in names if "/tests/" in n or "/.venv" in n or "__pycache__" in n]
     check_archive_members(archive, "lvm_med")
 
 
@@ -173,7 +223,77 @@ def installed_bundle(repository_package, tmp_path_factory) -> Path:
 def test_monai_bundle_download_installs_the_archive_from_a_file_url(installed_bundle):
     for relative in ("configs/metadata.json", "large_files.yml", "scripts/convert_weights.py"):
         assert (installed_bundle / relative).read_bytes() == (REPO_ROOT / relative).read_bytes()
-    assert (installed_bundle / "models").is_dir()
+    assert (installed_bundle / "models" / "model.pt").is_file()
+
+
+# What ci/verify_bundle.py of the model zoo runs on a bundle, here on the installed archive, in a fresh interpreter
+# whose working folder is the installed bundle (so `scripts` is the installed copy): the metadata against the
+# meta schema (offline: the copy in ../shared), the network's input and output against metadata.json, the export
+# to TorchScript with the served weights, and the exported module's output against the eager network's.
+_ZOO_CHECKS = """
+import sys, torch
+from monai.bundle import ConfigParser, ckpt_export, verify_metadata, verify_net_in_out
+verify_metadata(meta_file="configs/metadata.json", filepath=sys.argv[1])
+verify_net_in_out(net_id="network_def", meta_file="configs/metadata.json", config_file="configs/inference.json",
+                  bundle_root=".")
+ckpt_export(net_id="network_def", filepath="models/verify_model.ts", ckpt_file="models/model.pt",
+            meta_file="configs/metadata.json", config_file="configs/inference.json", bundle_root=".")
+exported = torch.jit.load("models/verify_model.ts").eval()
+parser = ConfigParser()
+parser.read_config("configs/inference.json")
+network = parser.get_parsed_content("network_def").eval()
+network.load_state_dict(torch.load("models/model.pt", weights_only=True))
+image = torch.randn(1, 1, 64, 96)
+with torch.no_grad():
+    torch.testing.assert_close(exported(image), network(image))
+print("zoo checks passed")
+"""
+
+
+@pytest.mark.skipif(not META_SCHEMA.is_file(), reason=f"the meta schema copy {META_SCHEMA} is not beside the clone")
+def test_installed_archive_passes_the_model_zoo_checks(installed_bundle, tmp_path):
+    # necessary and preferred files (verify_bundle_directory)
+    for relative in ("configs/metadata.json", "LICENSE", "models/model.pt", "configs/inference.json"):
+        assert (installed_bundle / relative).is_file(), relative
+    # version and changelog (verify_version_changes)
+    metadata = json.loads((installed_bundle / "configs" / "metadata.json").read_text())
+    assert metadata["version"] in metadata["changelog"]
+    assert bundle_version(installed_bundle) == metadata["version"]
+    assert metadata["eval_metrics"], "metadata.json must state the served weights' measured score"
+
+    # large files (verify_bundle_directory downloads them first): this machine is offline, so each listed path is
+    # served from a file:// stand-in, with its sha256, through MONAI's download_large_files
+    stand_ins = tmp_path / "release"
+    stand_ins.mkdir()
+    entries = []
+    for entry in read_large_files(installed_bundle):
+        served = stand_ins / Path(entry.path).name
+        served.write_bytes(os.urandom(4096))
+        entries.append({"path": entry.path, "url": served.as_uri(), "hash_type": "sha256", "hash_val": _sha256(served)})
+    checked = tmp_path / "checked"
+    checked.mkdir()
+    _write_large_files(checked, entries)
+    download_large_files(bundle_path=str(checked))
+    for entry in entries:
+        assert _sha256(checked / entry["path"]) == entry["hash_val"]
+    _write_large_files(checked, [{**entries[0], "path": "models/other.bin", "hash_val": "0" * 64}])
+    with pytest.raises(HashCheckError):
+        download_large_files(bundle_path=str(checked))
+
+    done = subprocess.run([sys.executable, "-c", _ZOO_CHECKS, str(META_SCHEMA)], cwd=installed_bundle,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "zoo checks passed" in done.stdout
+    (installed_bundle / "models" / "verify_model.ts").unlink()
+
+
+def test_documented_archive_names_follow_the_metadata_version():
+    expected = f"{bundle_name(REPO_ROOT)}_v{bundle_version(REPO_ROOT)}.zip"
+    documents = [REPO_ROOT / "README.md", REPO_ROOT / "bundle" / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md")),
+                 *sorted((REPO_ROOT / "bundle").rglob("*.py"))]
+    for document in documents:
+        for mention in re.findall(r"lvm_med_v[0-9][0-9A-Za-z.]*\.zip", document.read_text()):
+            assert mention == expected, f"{document} names {mention}; metadata.json makes {expected}"
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import torch
 from monai.engines import SupervisedTrainer
 
 from scripts.networks.classifier import EncoderClassifier
-from scripts.weights import load_pretrained
+from scripts.weights import load_pretrained_encoder
 from scripts.networks.resnet_encoder import ResNet50Encoder
 from scripts.networks.sam_vit import SamViTEncoder
 from scripts.weights import WeightFileError
@@ -86,7 +86,7 @@ def test_load_pretrained_official_resnet_layout_ignores_fc(tmp_path: Path) -> No
     state = dict(source.state_dict())
     state["fc.weight"], state["fc.bias"] = torch.zeros(1000, 2048), torch.zeros(1000)
     torch.save(state, tmp_path / "lvmmed_resnet.torch")
-    target = load_pretrained(ResNet50Encoder(), tmp_path / "lvmmed_resnet.torch")
+    target = load_pretrained_encoder(ResNet50Encoder(), tmp_path / "lvmmed_resnet.torch")
     assert all(torch.equal(value, target.state_dict()[key]) for key, value in source.state_dict().items())
 
 
@@ -95,10 +95,10 @@ def test_load_pretrained_finds_sam_image_encoder_prefix_and_names_bad_files(tmp_
     state = {f"image_encoder.{key}": value for key, value in source.state_dict().items()}
     state["mask_decoder.iou_token.weight"] = torch.zeros(1, 8)
     torch.save(state, tmp_path / "sam.pth")
-    target = load_pretrained(tiny_vit(), tmp_path / "sam.pth")
+    target = load_pretrained_encoder(tiny_vit(), tmp_path / "sam.pth")
     assert torch.equal(target.patch_embed.proj.weight, source.patch_embed.proj.weight)
     with pytest.raises(WeightFileError, match="sam.pth.*shape mismatch"):
-        load_pretrained(tiny_vit(embed_dim=32), tmp_path / "sam.pth")
+        load_pretrained_encoder(tiny_vit(embed_dim=32), tmp_path / "sam.pth")
     with pytest.raises(WeightFileError, match="missing.pt"):
-        load_pretrained(tiny_vit(), tmp_path / "missing.pt")
-    assert load_pretrained(source, None) is source
+        load_pretrained_encoder(tiny_vit(), tmp_path / "missing.pt")
+    assert load_pretrained_encoder(source, None) is source

@@ -45,7 +45,7 @@ def tiny_datalist(folder: Path, per_class: int = 6) -> Path:
 
 def overrides(tmp_path: Path, datalist: Path) -> dict:
     return {"output_dir": str(tmp_path / "run"), "dataset_dir": str(tmp_path), "datalist": str(datalist),
-            "model_path": str(tmp_path / "classifier.pt"), "image_size": 32, "batch_size": 4, "pretrained_weights": None}
+            "model_path": str(tmp_path / "classifier.pt"), "image_size": 32, "batch_size": 4, "pretrained_encoder": None}
 
 
 @pytest.mark.parametrize("config, kind", [(TRAIN, "train"), (INFER, "infer")])
@@ -95,7 +95,7 @@ def test_vit_encoder_fine_tuning_with_two_layer_head(tmp_path: Path) -> None:
     assert (tmp_path / "classifier.pt").is_file()
     infer = ConfigWorkflow(config_file=str(INFER), workflow_type="infer", encoder=TINY_VIT, head_hidden_features=[16, 8],
                            input_dir=str(tmp_path),
-                           **{k: v for k, v in settings.items() if k != "pretrained_weights"})
+                           **{k: v for k, v in settings.items() if k != "pretrained_encoder"})
     infer.initialize()
     infer.run()
     rows = list(csv.DictReader((tmp_path / "run" / "class_probabilities.csv").open()))
@@ -106,7 +106,7 @@ def test_vit_encoder_fine_tuning_with_two_layer_head(tmp_path: Path) -> None:
 def test_linear_probe_on_embedded_data_beats_the_untrained_baseline(tmp_path: Path) -> None:
     workflow = ConfigWorkflow(config_file=str(TRAIN), workflow_type="train", output_dir=str(tmp_path / "run"),
                               dataset_dir=str(tmp_path / "data"), model_path=str(tmp_path / "classifier.pt"),
-                              pretrained_weights=None, max_epochs=3)
+                              pretrained_encoder=None, max_epochs=3)
     workflow.initialize()
     workflow.run()
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())

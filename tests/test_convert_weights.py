@@ -11,19 +11,12 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
-from scripts.convert_weights import (
-    convert_file,
-    convert_state_dict,
-    guess_kind,
-    main,
-    strip_prefixes,
-    unwrap_state_dict,
-)
+from scripts.convert_weights import convert_file, convert_state_dict, guess_kind, main
 from scripts.networks.resnet_encoder import ResNet50Encoder
 from scripts.networks.sam_mask_decoder import SamMaskDecoder
 from scripts.networks.sam_prompt_encoder import SamPromptEncoder
 from scripts.networks.sam_vit import sam_vit_b
-from scripts.weights import WeightFileError, load_weights, read_state_dict
+from scripts.weights import WeightFileError, load_weights, read_state_dict, strip_prefixes, unwrap_state_dict
 
 
 def _randomised(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -5,7 +5,7 @@ import torch
 
 from scripts.objective.graph import knn_edges, pad_edges
 from scripts.objective.hamming import hamming_distance
-from scripts.objective.imle import imle_match
+from scripts.objective.imle import IMLEState, imle_match
 from scripts.objective.qap import GraphMatchingSolver, QAPBatch, edge_matches, linear_assignment
 
 
@@ -26,41 +26,115 @@ def test_hamming_distance_counts_differing_entries_and_is_linear() -> None:
         hamming_distance(torch.zeros(4, 3))
 
 
-def test_forward_returns_the_solvers_matching_without_noise() -> None:
+def test_forward_returns_the_solvers_matching_without_noise_or_margin() -> None:
     problem = random_problem(3, 6)
     solver = GraphMatchingSolver()
-    matching = imle_match(problem, solver, step=10.0, noise="none")
+    matching = imle_match(problem, solver, lambda_=10.0, noise="none", margin=0.0)
     assert torch.equal(matching, solver(problem))
 
 
+def test_the_constant_margin_penalises_the_true_matching() -> None:
+    """BB-GM's margin: the solver sees the true-match affinities lowered by the margin."""
+    problem = random_problem(4, 6, requires_grad=False)
+    unary = 0.1 * problem.unary + torch.eye(6)  # the identity is the unperturbed optimum by a gap of about 1
+    problem = QAPBatch(unary, problem.edges1, problem.edges2, 0.01 * problem.pairwise)
+    solver = GraphMatchingSolver()
+    identity = torch.eye(6).expand(4, -1, -1)
+    assert torch.equal(imle_match(problem, solver, lambda_=1.0, noise="none", margin=0.0), identity)
+    with_margin = imle_match(problem, solver, lambda_=1.0, noise="none", margin=5.0)
+    assert not torch.equal(with_margin, identity)
+    lowered = QAPBatch(unary - 5.0 * identity, problem.edges1, problem.edges2, problem.pairwise)
+    assert torch.equal(with_margin, solver(lowered))
+
+
 def test_backward_is_the_finite_difference_of_two_solutions() -> None:
+    """Without a known direction the target is solved in the backward, with a step normalised per problem."""
     problem = random_problem(2, 5)
     solver = GraphMatchingSolver()
-    step = 3.0
-    matching = imle_match(problem, solver, step=step, noise="none")
+    lambda_ = 3.0
+    matching = imle_match(problem, solver, lambda_=lambda_, noise="none", margin=0.0)
     upstream = torch.randn_like(matching)
     matching.backward(upstream)
-    target_problem = QAPBatch(problem.unary.detach() - step * upstream, problem.edges1, problem.edges2, problem.pairwise.detach())
+    magnitude = upstream.abs().amax((1, 2))[:, None, None]
+    target_problem = QAPBatch(problem.unary.detach() - lambda_ * upstream / magnitude, problem.edges1,
+                              problem.edges2, problem.pairwise.detach())
     target = solver(target_problem)
-    torch.testing.assert_close(problem.unary.grad, (matching.detach() - target) / step)
-    expected_pairwise = (edge_matches(problem, matching.detach()) - edge_matches(problem, target)) / step
+    torch.testing.assert_close(problem.unary.grad, magnitude * (matching.detach() - target) / lambda_)
+    expected_pairwise = magnitude * (edge_matches(problem, matching.detach()) - edge_matches(problem, target)) / lambda_
     torch.testing.assert_close(problem.pairwise.grad, expected_pairwise)
+
+
+def hamming_gradients(problem: QAPBatch, weight: float, lambda_: float, seed: int = 0) -> tuple[torch.Tensor, IMLEState]:
+    unary = problem.unary.detach().clone().requires_grad_()
+    pairwise = problem.pairwise.detach().clone().requires_grad_()
+    identity = torch.eye(unary.shape[1]).expand_as(unary)
+    state = IMLEState()
+    torch.manual_seed(seed)
+    matching = imle_match(QAPBatch(unary, problem.edges1, problem.edges2, pairwise), GraphMatchingSolver(seed=1),
+                          lambda_=lambda_, noise_scale=0.1, loss_direction=1 - 2 * identity, state=state)
+    (weight * hamming_distance(matching).mean()).backward()
+    return torch.cat([unary.grad.flatten(), pairwise.grad.flatten()]), state
+
+
+def test_gradient_is_linear_in_the_loss_weight_as_amp_loss_scaling_needs() -> None:
+    problem = random_problem(4, 7)
+    plain, state = hamming_gradients(problem, 1.0, lambda_=0.5)
+    scaled, scaled_state = hamming_gradients(problem, 2.0**16, lambda_=0.5)
+    assert plain.abs().max() > 0
+    torch.testing.assert_close(scaled, 2.0**16 * plain)
+    assert state.fused and scaled_state.fused  # the target came from the forward's solver call
+
+
+def test_the_hamming_target_is_solved_in_the_forward_call() -> None:
+    calls = []
+
+    def counting_solver(problem: QAPBatch) -> torch.Tensor:
+        calls.append(problem.unary.shape[0])
+        return GraphMatchingSolver(seed=0)(problem)
+
+    problem = random_problem(3, 6)
+    identity = torch.eye(6).expand(3, -1, -1)
+    matching = imle_match(problem, counting_solver, lambda_=1.0, num_samples=2, loss_direction=1 - 2 * identity)
+    assert calls == [2 * 2 * 3]  # samples x (perturbed, target) x problems, one call
+    hamming_distance(matching).sum().backward()
+    assert calls == [12]
+    # an incoming gradient along another direction falls back to a second solve
+    other = imle_match(problem, counting_solver, lambda_=1.0, loss_direction=1 - 2 * identity)
+    other.backward(torch.randn_like(other))
+    assert calls == [12, 6, 3]
+
+
+def test_lambda_moves_the_target_until_it_saturates() -> None:
+    """Small lambda: targets stay near the perturbed solutions; large lambda: every target is the truth."""
+    torch.manual_seed(0)
+    problem = random_problem(16, 10)
+    problem = QAPBatch(0.3 * problem.unary + 0.5 * torch.eye(10), problem.edges1, problem.edges2, problem.pairwise)
+    shares, gradients = [], []
+    for lambda_ in (0.01, 0.2, 1e4):
+        gradient, state = hamming_gradients(problem, 1.0, lambda_)
+        identity = torch.eye(10)
+        shares.append(float((state.target_matching != identity).flatten(1).any(1).float().mean()))
+        gradients.append(gradient * lambda_)
+    assert shares[0] > shares[1] > shares[2] == 0.0
+    cosine = torch.nn.functional.cosine_similarity(gradients[1], gradients[2], dim=0)
+    assert cosine < 0.99  # the default's direction is not the saturated (x - I) / lambda
 
 
 def test_gumbel_noise_perturbs_and_samples_average() -> None:
     problem = random_problem(4, 6, requires_grad=False)
     flat = QAPBatch(torch.zeros_like(problem.unary), problem.edges1, problem.edges2, torch.zeros_like(problem.pairwise))
     solver = GraphMatchingSolver()
-    draws = {tuple(imle_match(flat, solver, step=1.0).argmax(-1).flatten().tolist()) for _ in range(5)}
+    draws = {tuple(imle_match(flat, solver, lambda_=1.0).argmax(-1).flatten().tolist()) for _ in range(5)}
     assert len(draws) > 1  # ties broken differently by the noise
-    averaged = imle_match(flat, solver, step=1.0, num_samples=8)
+    averaged = imle_match(flat, solver, lambda_=1.0, num_samples=8)
     torch.testing.assert_close(averaged.sum(-1), torch.ones(4, 6))
     assert ((averaged > 0) & (averaged < 1)).any()
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"step": 0.0}, "step"), ({"step": 1.0, "noise": "normal"}, "noise"),
-    ({"step": 1.0, "noise_scale": 0.0}, "noise_scale"), ({"step": 1.0, "num_samples": 0}, "num_samples"),
+    ({"lambda_": 0.0}, "lambda_"), ({"lambda_": True}, "lambda_"), ({"lambda_": 1.0, "noise": "normal"}, "noise"),
+    ({"lambda_": 1.0, "noise_scale": 0.0}, "noise_scale"), ({"lambda_": 1.0, "num_samples": 0}, "num_samples"),
+    ({"lambda_": 1.0, "margin": -1.0}, "margin"), ({"lambda_": 1.0, "truth": torch.eye(2)[None]}, "truth"),
 ])
 def test_bad_settings_are_refused(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -78,7 +152,7 @@ def train_toy_problem(use_gradient: bool, second_order: bool, steps: int = 200) 
     losses = []
     for _ in range(steps):
         current = QAPBatch(unary, problem.edges1, problem.edges2, pairwise)
-        loss = hamming_distance(imle_match(current, solver, step=80.0 * 8)).mean()
+        loss = hamming_distance(imle_match(current, solver, lambda_=1.0)).mean()
         optimizer.zero_grad()
         if use_gradient:
             loss.backward()

@@ -31,10 +31,10 @@ class Recorder:
         self.calls: list[dict] = []
         original = lvmmed_loss_module.imle_match
 
-        def record(problem, solver, step, noise, noise_scale, num_samples):
+        def record(problem, solver, lambda_, noise, noise_scale, margin, num_samples, **kwargs):
             self.problems.append(problem)
-            self.calls.append({"solver": solver, "step": step, "noise": noise})
-            return original(problem, solver, step, noise, noise_scale, num_samples)
+            self.calls.append({"solver": solver, "lambda_": lambda_, "noise": noise, "margin": margin, **kwargs})
+            return original(problem, solver, lambda_, noise, noise_scale, margin, num_samples, **kwargs)
 
         monkeypatch.setattr(lvmmed_loss_module, "imle_match", record)
 
@@ -44,8 +44,10 @@ def test_every_image_takes_part_in_a_graph(monkeypatch: pytest.MonkeyPatch) -> N
     loss_fn = LVMMedLoss(embedding_dim=16, gcn_features=(16, 16))
     loss = loss_fn(*two_view_inputs(37))
     assert [tuple(p.unary.shape) for p in recorder.problems] == [(1, 13, 13), (2, 12, 12)]
-    # lambda is per graph; the mean over the 3 graphs is compensated in the step
-    assert [call["step"] for call in recorder.calls] == [80.0 * 3, 80.0 * 3]
+    # lambda is in affinity units whatever the number of graphs; the Hamming direction is known in the forward
+    assert [call["lambda_"] for call in recorder.calls] == [loss_fn.lambda_, loss_fn.lambda_]
+    for call, size in zip(recorder.calls, (13, 12)):
+        torch.testing.assert_close(call["loss_direction"][0], 1 - 2 * torch.eye(size))
     assert 0.0 <= loss.item() <= 2 * 13
 
 
@@ -98,7 +100,8 @@ def test_ablation_no_local_similarity_uses_the_global_affinity_only(monkeypatch:
 
 
 @pytest.mark.parametrize("noise", ["none", "gumbel"])
-def test_ablation_no_gumbel_noise_solves_the_unperturbed_problem(monkeypatch: pytest.MonkeyPatch, noise: str) -> None:
+def test_ablation_no_gumbel_noise_solves_with_a_constant_margin(monkeypatch: pytest.MonkeyPatch, noise: str) -> None:
+    """Ablation (iii) as the paper and BB-GM define it: no noise, the true-match affinities lowered by the margin."""
     recorder = Recorder(monkeypatch)
     solved: list[QAPBatch] = []
     exact = GraphMatchingSolver()
@@ -107,12 +110,54 @@ def test_ablation_no_gumbel_noise_solves_the_unperturbed_problem(monkeypatch: py
         solved.append(problem)
         return exact(problem)
 
-    loss_fn = LVMMedLoss(embedding_dim=16, gcn_features=(16, 16), graph_size=8, noise=noise, solver=solver)
+    loss_fn = LVMMedLoss(embedding_dim=16, gcn_features=(16, 16), graph_size=8, noise=noise, margin=0.7, solver=solver)
     loss_fn(*two_view_inputs(8))
     built, given = recorder.problems[0], solved[0]
     assert recorder.calls[0]["noise"] == noise
-    same = torch.equal(built.unary, given.unary) and torch.equal(built.pairwise, given.pairwise)
-    assert same == (noise == "none")
+    perturbed = given.unary[:1]  # the call stacks the perturbed problem, then the IMLE target
+    margin_only = torch.equal(perturbed, built.unary - 0.7 * torch.eye(8)) and torch.equal(given.pairwise[:1], built.pairwise)
+    assert margin_only == (noise == "none")
+
+
+def test_the_margin_changes_the_unperturbed_matching() -> None:
+    torch.manual_seed(3)
+    e1, _, f1, _, g1, g2 = two_view_inputs(8)
+    inputs = (e1, e1 + torch.randn_like(e1), f1, f1, g1, g1)  # views alike: the unperturbed matching is the truth
+    matchings = []
+    for margin in (0.0, 3.0):  # the edge term outweighs a margin of 1 on this near-complete 8-vertex graph
+        loss_fn = LVMMedLoss(embedding_dim=16, gcn_features=(16, 16), graph_size=8, noise="none", margin=margin)
+        torch.manual_seed(0)
+        loss_fn.gcn.load_state_dict(LVMMedLoss(embedding_dim=16, gcn_features=(16, 16)).gcn.state_dict())
+        loss_fn(*inputs)
+        matchings.append(loss_fn._states[0].matching)
+    assert matchings[0].diagonal(dim1=1, dim2=2).sum() > matchings[1].diagonal(dim1=1, dim2=2).sum()
+
+
+def test_edge_weight_scales_the_second_order_term(monkeypatch: pytest.MonkeyPatch) -> None:
+    recorder = Recorder(monkeypatch)
+    torch.manual_seed(0)
+    inputs = two_view_inputs(8)
+    one = LVMMedLoss(embedding_dim=16, gcn_features=(16, 16))
+    half = LVMMedLoss(embedding_dim=16, gcn_features=(16, 16), edge_weight=0.5)
+    half.load_state_dict(one.state_dict())
+    one(*inputs)
+    half(*inputs)
+    torch.testing.assert_close(recorder.problems[1].pairwise, 0.5 * recorder.problems[0].pairwise)
+    torch.testing.assert_close(recorder.problems[1].unary, recorder.problems[0].unary)
+
+
+def test_local_affinity_keeps_the_best_matches_inside_both_crops(monkeypatch: pytest.MonkeyPatch) -> None:
+    recorder = Recorder(monkeypatch)
+    torch.manual_seed(0)
+    inputs = two_view_inputs(8, size=(4, 4))
+    unaries = []
+    for matches in (None, 3):
+        loss_fn = LVMMedLoss(embedding_dim=16, gcn_features=(16, 16), alpha=0.0, local_num_matches=matches)
+        loss_fn(*inputs)
+        unaries.append(recorder.problems[-1].unary)
+    # keeping the 3 best of 16 cells per term can only raise the mean of the cosines
+    assert (unaries[1] >= unaries[0] - 1e-6).all() and (unaries[1] > unaries[0] + 1e-3).any()
+
 
 
 def test_local_grid_size_pools_large_feature_maps() -> None:
@@ -125,6 +170,8 @@ def test_local_grid_size_pools_large_feature_maps() -> None:
     ({"num_neighbors": 16}, "num_neighbors"), ({"graph_size": 1}, "graph_size"), ({"alpha": 1.5}, "alpha"),
     ({"alpha": -0.1}, "alpha"), ({"lambda_": 0.0}, "lambda_"), ({"noise": "uniform"}, "noise"),
     ({"num_samples": 0}, "num_samples"), ({"local_grid_size": 0}, "local_grid_size"),
+    ({"local_grid_size": "big"}, "local_grid_size"), ({"local_num_matches": 0}, "local_num_matches"),
+    ({"margin": -1.0}, "margin"), ({"edge_weight": -1.0}, "edge_weight"),
 ])
 def test_bad_hyperparameters_are_refused_at_construction(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -134,7 +181,7 @@ def test_bad_hyperparameters_are_refused_at_construction(kwargs: dict, message: 
 @pytest.mark.parametrize("kwargs,message", [
     ({"second_order": "no"}, "second_order must be bool"), ({"alpha": "0.5"}, "alpha must be float"),
     ({"graph_size": 16.0}, "graph_size must be int"), ({"num_samples": True}, "num_samples must be int"),
-    ({"local_grid_size": 2.5}, "local_grid_size must be int or NoneType"),
+    ({"local_grid_size": 2.5}, "local_grid_size must be int or str or NoneType"),
 ])
 def test_hyperparameters_of_the_wrong_type_are_refused(kwargs: dict, message: str) -> None:
     with pytest.raises(TypeError, match=message):
@@ -210,7 +257,7 @@ def test_full_objective_trains_encoder_projector_and_gcn(encoder_name: str) -> N
                                 out_chans=32, window_size=2, global_attn_indexes=(1,))
         image_size = 64
     network = LVMMedNetwork(encoder, ProjectionHead(encoder.out_channels, 128))
-    loss_fn = LVMMedLoss(noise_scale=3.0)  # strong noise so that a random network surely mismatches
+    loss_fn = LVMMedLoss()  # a random network mismatches most views
     loss = run_objective(network, loss_fn, image_size, num_images=18)
     assert torch.isfinite(loss) and loss.item() > 0
     assert_finite_gradients_reach(network.encoder, "encoder")

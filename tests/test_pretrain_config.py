@@ -62,7 +62,7 @@ def test_modality_balancing_is_one_switch(embedded_root: Path, balance: bool) ->
     parser = ConfigParser()
     parser.read_config(REPO_ROOT / "configs" / "pretrain.json")
     parser.update({"bundle_root": str(REPO_ROOT), "data_root": str(embedded_root), "balance_modalities": balance,
-                   "image_size": 32})
+                   "image_size": 32, "augmentation": "per_sample", "cache_rate": 0.0})  # views made by the dataset
     dataset = parser.get_parsed_content("train#dataset")
     counts = Counter(dataset.modalities) if balance else Counter(parser.get_parsed_content("train#slices").modalities)
     if balance:
@@ -84,14 +84,14 @@ def test_a_switch_given_as_a_string_is_refused(embedded_root: Path) -> None:
     assert "balance_modalities must be True or False, got 'false'" in str(error.value.__cause__)
 
 
-def test_encoder_starts_from_init_weights(tmp_path: Path) -> None:
+def test_encoder_starts_from_pretrained_encoder(tmp_path: Path) -> None:
     """The paper starts ResNet-50 from ImageNet weights: a torchvision-layout file (with ``fc``) is loaded."""
     source = ResNet50Encoder()
     state = {**source.state_dict(), "fc.weight": torch.zeros(1000, 2048), "fc.bias": torch.zeros(1000)}
     torch.save(state, tmp_path / "resnet50_imagenet.pth")
     parser = ConfigParser()
     parser.read_config(REPO_ROOT / "configs" / "pretrain.json")
-    parser.update({"bundle_root": str(REPO_ROOT), "init_weights": str(tmp_path / "resnet50_imagenet.pth")})
+    parser.update({"bundle_root": str(REPO_ROOT), "pretrained_encoder": str(tmp_path / "resnet50_imagenet.pth")})
     encoder = parser.get_parsed_content("network_def").encoder
     for name, value in source.state_dict().items():
         assert torch.equal(encoder.state_dict()[name], value), name

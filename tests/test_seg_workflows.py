@@ -160,8 +160,9 @@ def test_inference_keeps_format_shape_and_geometry(trained: dict[str, Path], dat
     shutil.copy(CT_SMALL, inputs / "ct.dcm")
     shutil.copytree(CT_SERIES, inputs / "series")
     output = tmp_path / "out"
+    # DICOM inputs as NIfTI here, to check their geometry; the default DICOM-SEG output: tests/test_dicom_seg.py
     run(workflow("inference.json", "infer", dataset_dir=str(inputs), checkpoint=str(trained["best_model_path"]),
-                 output_dir=str(output), **TINY))
+                 output_dir=str(output), dicom_seg=False, **TINY))
 
     mask_png = Image.open(output / "photo_seg.png")
     assert mask_png.size == (72, 40) and mask_png.mode == "L"

@@ -15,7 +15,8 @@ would pull a CUDA torch of several GB; so it gets its own environment, made once
 Usage::
 
     python -m bundle.monailabel.environment            # creates .venv-monailabel/ (about 3.8 GB, minutes)
-    .venv-monailabel/bin/monailabel start_server --app bundle/monailabel/app --studies <images> --conf models lvm_med
+    .venv-monailabel/bin/python -m monailabel.main start_server --app bundle/monailabel/app --studies <images> \
+        --conf models lvm_med   # the launcher script `monailabel` would run the first `python` on PATH
 """
 
 from __future__ import annotations

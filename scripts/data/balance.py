@@ -6,8 +6,10 @@ the image area drawn uniformly in ``crop_fraction``, resized back to the origina
 images are not identical. Originals are returned untouched.
 
 These crops are a fixed, data-level enlargement of the small modalities, drawn once per (seed, index): they
-are *not* the two SSL views, which ``TwoViewAugmentd`` draws afresh from every sample (original or duplicate)
-at every epoch.
+are *not* the two SSL views, which ``TwoViewAugmentd`` (in the dataset) or ``BatchTwoViewAugment`` (in the
+trainer's ``prepare_batch``) draws afresh from every sample (original or duplicate) at every epoch. Being
+deterministic, the crops, and whatever deterministic transform follows them, are cached with the decoded
+samples by :func:`pretraining_dataset` when ``cache_rate`` > 0.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ import numpy as np
 import torch
 from monai.transforms import Resize, SpatialCrop
 from monai.utils import convert_to_tensor
+from monai.data import CacheDataset
 from monai.data import Dataset as TransformDataset
 from torch.utils.data import Dataset
 
-__all__ = ["ModalityBalancedDataset", "balanced_indices", "pretraining_dataset"]
+__all__ = ["CachedPretrainingDataset", "ModalityBalancedDataset", "balanced_indices", "pretraining_dataset"]
 
 
 def balanced_indices(modalities: Sequence[str], seed: int = 0) -> list[int]:
@@ -116,21 +119,53 @@ class ModalityBalancedDataset(Dataset):
         return self.transform(sample) if self.transform is not None else sample
 
 
+class CachedPretrainingDataset(CacheDataset):
+    """MONAI ``CacheDataset`` over pretraining samples that keeps their ``modalities`` (of ``data``, which has
+    them: :class:`ModalityBalancedDataset` or :class:`~scripts.data.slices.PretrainSliceDataset`)."""
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.data.modalities)
+
+
 def pretraining_dataset(
-    slices: Dataset,
+    data: Dataset,
     transform: Callable[[dict[str, Any]], Any],
     balance: bool,
     crop_fraction: tuple[float, float] = (0.5, 0.9),
     seed: int = 0,
+    cache_rate: float = 0.0,
+    cache_workers: int = 1,
 ) -> Dataset:
-    """``slices`` with ``transform`` applied, modality-balanced when ``balance`` (the pretraining config's switch).
+    """``data`` with ``transform`` applied, modality-balanced when ``balance`` (the pretraining config's switch).
+
+    With ``cache_rate`` > 0 that share of the samples is decoded at construction and kept in memory, after the
+    balancing crops and the deterministic transforms that start ``transform`` (MONAI ``CacheDataset``: the
+    batched path's fixed-size sources, or the decoded images before ``TwoViewAugmentd``); the rest is read as
+    needed.
+
+    Args:
+        data: the samples (e.g. :class:`~scripts.data.slices.PretrainSliceDataset`); named as MONAI's bundle
+            property ``train#dataset#data``.
+        transform: applied to every sample dict (after the balancing crop of a duplicate).
+        balance: over-sample minority modalities (:class:`ModalityBalancedDataset`).
+        crop_fraction, seed: of the balancing crops.
+        cache_rate: share of the samples to cache, in [0, 1].
+        cache_workers: threads that fill the cache.
 
     Raises:
         TypeError: ``balance`` is not a bool (on the command line ``false`` is the string "false", which would
             otherwise count as true: write ``False``).
+        ValueError: ``cache_rate`` outside [0, 1].
     """
     if not isinstance(balance, bool):
         raise TypeError(f"balance_modalities must be True or False, got {balance!r} ({type(balance).__name__}).")
+    if isinstance(cache_rate, bool) or not isinstance(cache_rate, (int, float)) or not 0 <= cache_rate <= 1:
+        raise ValueError(f"cache_rate must be a number in [0, 1], got {cache_rate!r}.")
+    if cache_rate > 0:
+        base = ModalityBalancedDataset(data, crop_fraction, seed) if balance else data
+        return CachedPretrainingDataset(base, transform, cache_rate=float(cache_rate),
+                                        num_workers=max(1, int(cache_workers)), progress=False, copy_cache=False)
     if balance:
-        return ModalityBalancedDataset(slices, crop_fraction, seed, transform)
-    return TransformDataset(slices, transform)
+        return ModalityBalancedDataset(data, crop_fraction, seed, transform)
+    return TransformDataset(data, transform)

@@ -33,7 +33,7 @@ from scripts.atomic_save import write_atomically
 from scripts.data.manifest import SourceDataset, save_manifest
 from scripts.data.readers import ImageReadError, ImageSource, read_header
 
-__all__ = ["prepare_embedded_data"]
+__all__ = ["prepare_embedded_data", "real_files", "save_png"]
 
 logger = logging.getLogger("lvmmed.data")
 
@@ -54,7 +54,7 @@ def _copy(source: Path, target: Path) -> None:
     _write_atomically(target, lambda temporary: shutil.copyfile(source, temporary))
 
 
-def _save_png(image: np.ndarray, path: Path) -> None:
+def save_png(image: np.ndarray, path: Path) -> None:
     """Save values in [0, 1], (H, W) grey or (H, W, 3) colour, as an 8-bit PNG."""
     pixels = np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
     _write_atomically(path, lambda temporary: Image.fromarray(pixels).save(temporary, format="PNG"))
@@ -149,7 +149,7 @@ def _phantoms(root: Path) -> list[SourceDataset]:
         folder = root / "phantoms" / label
         for number in range(IMAGES_PER_CLASS):
             image = draw(rng)  # drawn even when the file exists, so every file keeps its random state
-            _save_png(image, folder / f"{label}_{number:03d}.png")
+            save_png(image, folder / f"{label}_{number:03d}.png")
         entries.append(SourceDataset(f"phantom-{label}", folder, modality, 2, label=label, format="png"))
     for seed, (label, modality, draw, spacing) in enumerate(
         (("ct-phantom", "CT", _ct_phantom, (1.0, 1.0, 2.5)), ("mri-phantom", "MRI", _mri_phantom, (1.0, 1.0, 1.0))),
@@ -170,7 +170,8 @@ def _testdata(name: str) -> Path | None:
     return Path(path) if isinstance(path, str) else None
 
 
-def _real_files(root: Path) -> list[SourceDataset]:
+def real_files(root: Path) -> list[SourceDataset]:
+    """Copies the real images installed packages ship (pydicom, nibabel test files) under ``root``; their entries."""
     entries = []
     for name, modality in (("CT_small.dcm", "CT"), ("MR_small.dcm", "MRI")):
         source = _testdata(name)
@@ -207,7 +208,7 @@ def prepare_embedded_data(root: str | Path) -> Path:
     of its ``manifest.json``."""
     root = Path(root).resolve()
     manifest = root / "manifest.json"
-    entries = _real_files(root) + _phantoms(root)
+    entries = real_files(root) + _phantoms(root)
     if not manifest.exists():
         save_manifest(entries, manifest)
     return manifest

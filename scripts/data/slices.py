@@ -7,6 +7,10 @@ match their entry. Pixel data is read lazily, one normalised volume at a time, t
 Data-level faults (corrupt compressed data, NaN/Inf) cannot be seen in headers: ``verify_data=True`` (or
 ``min_foreground > 0``, which reads the data anyway) finds them at construction too; otherwise reading such
 an image later raises :class:`~scripts.data.readers.ImageReadError` naming it.
+
+Headers of unchanged files are remembered between runs beside the manifest
+(:class:`~scripts.data.header_cache.HeaderCache`), so a restart on a large collection stats its files instead
+of re-reading every header.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from scripts.data.header_cache import HeaderCache, header_cache_path
 from scripts.data.intensity import normalise_intensity, to_channel_first
 from scripts.data.manifest import SourceDataset, load_manifest
 from scripts.data.readers import ImageHeader, ImageReadError, ImageSource, read_header, read_image
@@ -81,9 +86,12 @@ class PretrainSliceDataset(Dataset):
             ``skipped``; ``"raise"``: the first one raises its :class:`~scripts.data.readers.ImageReadError`.
         verify_data: read every image's data at construction (slower; also finds corrupt compressed data and
             NaN/Inf values).
+        header_cache: where headers are remembered between runs: True for ``<manifest>.headers.json`` beside a
+            manifest file (none when ``manifest`` is a list of entries), a path for that file, False for none.
 
     Attributes:
         skipped: ``(path, reason)`` of every image or entry left out.
+        headers_reused, headers_read: headers taken from the header cache / read from the files.
     """
 
     def __init__(
@@ -96,6 +104,7 @@ class PretrainSliceDataset(Dataset):
         cache_size: int = 4,
         on_error: str = "skip",
         verify_data: bool = False,
+        header_cache: bool | str | Path = True,
     ) -> None:
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
@@ -114,6 +123,12 @@ class PretrainSliceDataset(Dataset):
         self._index: list[tuple[int, int]] = []
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         read_data = verify_data or self.min_foreground > 0
+        if header_cache is True:
+            cache_file = header_cache_path(manifest) if isinstance(manifest, (str, Path)) else None
+        else:
+            cache_file = header_cache or None
+        self._headers = HeaderCache(cache_file) if cache_file is not None else None
+        self.headers_reused = self.headers_read = 0
         for entry in self.entries:
             try:
                 sources = expand_entry(entry)
@@ -125,6 +140,11 @@ class PretrainSliceDataset(Dataset):
                     self._add(entry, source, read_data)
                 except ImageReadError as error:
                     self._reject(error)
+        if self._headers is not None:
+            self._headers.save()
+            logger.info("header cache %s: %d headers reused, %d read", self._headers.path, self.headers_reused,
+                        self.headers_read)
+            self._headers = None  # the index holds the headers now
         logger.info("indexed %d samples from %d images of %d datasets; %d skipped", len(self._index),
                     len(self._images), len(self.entries), len(self.skipped))
 
@@ -135,7 +155,14 @@ class PretrainSliceDataset(Dataset):
         self.skipped.append((str(error.path), error.reason))
 
     def _add(self, entry: SourceDataset, source: ImageSource, read_data: bool) -> None:
-        image = _Image(entry, source, read_header(source))
+        header = self._headers.lookup(source) if self._headers is not None else None
+        self.headers_reused += header is not None
+        if header is None:
+            header = read_header(source)
+            self.headers_read += 1
+            if self._headers is not None:
+                self._headers.store(source, header)
+        image = _Image(entry, source, header)
         count = _slice_count(image)
         number = len(self._images)
         self._images.append(image)

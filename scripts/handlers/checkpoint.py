@@ -1,8 +1,10 @@
 """Atomic checkpoints of a whole training state and automatic resume from the newest one.
 
 MONAI's ``CheckpointSaver`` writes with ``atomic=False``, so a run killed during a write can leave a
-truncated file. These handlers use Ignite's ``Checkpoint`` with ``DiskSaver(atomic=True)`` (write to a
-temporary file, then rename) and, at start, reload the newest complete checkpoint.
+truncated file. These handlers use Ignite's ``Checkpoint`` with a save handler that writes through
+``scripts.atomic_save`` (a temporary file, then a rename) and deletes the checkpoints it replaces only
+after the new one is written, so a failed save (disk full) leaves the previous checkpoints intact. At
+start, the newest checkpoint that loads is reloaded; a damaged one is skipped with a warning naming it.
 """
 
 from __future__ import annotations
@@ -13,14 +15,60 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from ignite.engine import Engine, Events
-from ignite.handlers import Checkpoint, DiskSaver
+from ignite.handlers import Checkpoint
+from ignite.handlers.checkpoint import BaseSaveHandler
+from monai.handlers import CheckpointLoader
 
-__all__ = ["AtomicCheckpointSaver", "ResumeFromLatest", "latest_checkpoint"]
+from scripts.atomic_save import write_atomically
+
+__all__ = ["AtomicCheckpointSaver", "CheckpointSaveError", "ResumeFromLatest", "checkpoints_newest_first",
+           "latest_checkpoint"]
 
 logger = logging.getLogger(__name__)
 _PREFIX = "checkpoint"
 _STEP = re.compile(rf"^{_PREFIX}_(\d+)\.pt$")
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written (e.g. the disk is full); the message names it and the intact ones."""
+
+
+def _rank() -> int:
+    # torch.distributed, not Ignite's idist: idist.get_rank() builds a new gloo group on first use, a collective
+    # that hangs for good when torchrun has restarted the workers (tests/test_distributed_faults.py)
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class _AtomicFiles(BaseSaveHandler):
+    """Ignite save handler: each checkpoint written atomically by rank 0; the ones Ignite drops (beyond ``n_saved``,
+    or the same name written again) are deleted only once the next one is on disk. Ignite's ``DiskSaver`` deletes
+    them before writing, so a save failing for lack of space would lose the newest good checkpoint.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._pending_removal: list[str] = []
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        if _rank() != 0:
+            return
+        path = self.folder / filename
+        try:
+            write_atomically(path, lambda temporary: torch.save(checkpoint, temporary))
+        except OSError as error:
+            kept = [p.name for p in checkpoints_newest_first(self.folder)]
+            raise CheckpointSaveError(error.errno, f"cannot write checkpoint {path}: {error.strerror or error}; the "
+                                      f"checkpoints on disk are intact: {kept}") from error
+        for name in self._pending_removal:
+            if name != filename:
+                (self.folder / name).unlink(missing_ok=True)
+        self._pending_removal = []
+
+    def remove(self, filename: str) -> None:
+        if _rank() == 0:
+            self._pending_removal.append(filename)
 
 
 class AtomicCheckpointSaver:
@@ -59,7 +107,7 @@ class AtomicCheckpointSaver:
             self.save_dict[self.engine_key] = engine
         checkpoint = Checkpoint(
             self.save_dict,
-            DiskSaver(self.save_dir, atomic=True, require_empty=False),
+            _AtomicFiles(self.save_dir),
             filename_prefix="",
             filename_pattern=_PREFIX + "_{global_step}.{ext}",
             n_saved=self.n_saved,
@@ -68,20 +116,32 @@ class AtomicCheckpointSaver:
         engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval) | Events.COMPLETED, checkpoint)
 
 
-def latest_checkpoint(save_dir: str | Path) -> Path | None:
-    """The checkpoint with the highest iteration in ``save_dir`` (temporary files are ignored), or None."""
+def checkpoints_newest_first(save_dir: str | Path) -> list[Path]:
+    """The checkpoints of ``save_dir``, highest iteration first (temporary files are ignored)."""
     folder = Path(save_dir)
     if not folder.is_dir():
-        return None
+        return []
     steps = [(int(match.group(1)), path) for path in folder.iterdir() if (match := _STEP.match(path.name))]
-    return max(steps)[1] if steps else None
+    return [path for _, path in sorted(steps, reverse=True)]
+
+
+def latest_checkpoint(save_dir: str | Path) -> Path | None:
+    """The checkpoint with the highest iteration in ``save_dir`` (temporary files are ignored), or None."""
+    newest = checkpoints_newest_first(save_dir)
+    return newest[0] if newest else None
 
 
 class ResumeFromLatest:
     """At the start of a run, loads the newest checkpoint of ``save_dir`` into ``load_dict``, if there is one.
 
-    The engine's state (iteration, epoch) comes back with the ``trainer`` entry of ``load_dict``, so the
+    A checkpoint that does not load (truncated, not a checkpoint, keys or shapes that do not fit ``load_dict``)
+    is skipped with a warning naming it and the reason, and the next older one is tried; when none loads, the
+    error names each file. The engine's state (iteration, epoch) comes back with the ``trainer`` entry of ``load_dict``, so the
     run continues where the checkpoint left it; its ``max_epochs`` stays the one of the current run.
+
+    A run whose weights come from a MONAI ``CheckpointLoader`` attached to the same engine (MONAI Label's
+    ``BundleTrainTask`` inserts one for ``models/model.pt`` at each train request) does not resume: restoring the
+    saved engine state over those weights would end the request after 0 epochs.
 
     Args:
         save_dir: folder written by ``AtomicCheckpointSaver``.
@@ -100,16 +160,28 @@ class ResumeFromLatest:
         engine.add_event_handler(Events.STARTED, self)
 
     def __call__(self, engine: Engine) -> None:
-        path = latest_checkpoint(self.save_dir)
-        if path is None:
+        # Ignite has no public listing of an event's handlers; each entry is (handler, args, kwargs)
+        if any(isinstance(entry[0], CheckpointLoader) for entry in engine._event_handlers[Events.STARTED]):
+            logger.info("weights loaded by a CheckpointLoader: not resuming from %s", self.save_dir)
+            return
+        paths = checkpoints_newest_first(self.save_dir)
+        if not paths:
             logger.info("no checkpoint in %s: starting from scratch", self.save_dir)
             return
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # a damaged file must name itself, not surface deep in torch
-            raise RuntimeError(f"cannot read checkpoint {path}: {error}") from error
         max_epochs = engine.state.max_epochs
-        Checkpoint.load_objects(self.load_dict, state)
-        # the run's own length wins over the saved one, so a finished run can be extended
-        engine.state.max_epochs = max_epochs
-        logger.info("resumed from %s at iteration %d", path, engine.state.iteration)
+        failures = []
+        for path in paths:
+            try:
+                # an older checkpoint loaded after a failed one overwrites every object, partial loads included
+                Checkpoint.load_objects(self.load_dict, torch.load(path, map_location="cpu", weights_only=True))
+            except Exception as error:  # torch and Ignite raise many types for a damaged file; each is named here
+                failures.append(f"{path}: {type(error).__name__}: {error}")
+                logger.warning("cannot resume from checkpoint %s (%s: %s); trying the previous one", path,
+                               type(error).__name__, error)
+                continue
+            # the run's own length wins over the saved one, so a finished run can be extended
+            engine.state.max_epochs = max_epochs
+            logger.info("resumed from %s at iteration %d", path, engine.state.iteration)
+            return
+        raise RuntimeError(f"cannot read any checkpoint of {self.save_dir}; delete them or choose another folder: "
+                           + "; ".join(failures))

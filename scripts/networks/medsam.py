@@ -14,7 +14,7 @@ from torch import nn
 from scripts.networks.sam_mask_decoder import SamMaskDecoder, TwoWayTransformer
 from scripts.networks.sam_prompt_encoder import SamPromptEncoder
 from scripts.networks.sam_vit import SamViTEncoder, sam_vit_b
-from scripts.weights import LoadReport, WeightFileError, load_weights, read_state_dict, select_prefix
+from scripts.weights import LoadReport, WeightFileError, load_encoder_weights, load_weights, read_state_dict
 
 __all__ = ["MedSAM", "build_medsam", "load_medsam_weights"]
 
@@ -170,8 +170,9 @@ def load_medsam_weights(
         sam_checkpoint: a SAM or MedSAM state dict (``image_encoder.*``, ``prompt_encoder.*``, ``mask_decoder.*``);
             every key of the model must be in it.
         encoder_weights: image-encoder weights loaded afterwards (over the SAM encoder, if any), e.g. LVM-Med's
-            ``lvmmed_vit.pth`` or ``models/encoder_vit.pt`` from the pretraining bundle; keys with or without the
-            ``image_encoder.`` prefix. The paper's setting: SAM's prompt encoder and decoder with the LVM-Med encoder.
+            ``lvmmed_vit.pth`` or ``models/encoder_vit.pt`` from the pretraining bundle, read by the bundle's one
+            encoder loader (:func:`scripts.weights.load_encoder_weights`: prefixes, wrappers, a whole SAM file).
+            The paper's setting: SAM's prompt encoder and decoder with the LVM-Med encoder.
 
     Raises:
         WeightFileError: a file is missing, unsafe or does not fit (the message names the file and the keys).
@@ -186,12 +187,7 @@ def load_medsam_weights(
             )
         reports.append((str(sam_checkpoint), load_weights(model, state, source=str(sam_checkpoint))))
     if encoder_weights is not None:
-        state = read_state_dict(encoder_weights)
-        if any(key.startswith("image_encoder.") for key in state):
-            state = select_prefix(state, "image_encoder.")
-        reports.append(
-            (str(encoder_weights), load_weights(model.image_encoder, state, source=str(encoder_weights)))
-        )
+        reports.append((str(encoder_weights), load_encoder_weights(model.image_encoder, encoder_weights)))
     for source, report in reports:
         logger.info("weights from %s: %s", source, report)
     return model

@@ -9,7 +9,7 @@ Models for Medical Imaging via Second-order Graph Matching", NeurIPS 2023) load 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from monai.networks.blocks.attention_utils import add_decomposed_rel_pos
 from torch import nn
 
-__all__ = ["LayerNorm2d", "SamViTEncoder", "sam_vit_b"]
+__all__ = ["SAM_VIT_SIZES", "LayerNorm2d", "SamViTEncoder", "sam_vit", "sam_vit_b", "sam_vit_h", "sam_vit_l", "sam_vit_size"]
 
 # Written here because MONAI's window helpers (monai.networks.nets.swin_unetr.window_partition/window_reverse)
 # require a grid already divisible by the window and flatten each window; SAM zero-pads the 2D channels-last grid
@@ -275,25 +275,70 @@ class SamViTEncoder(nn.Module):
         return feature_map, feature_map.mean(dim=(2, 3))
 
 
-def sam_vit_b(img_size: int = 1024, **overrides: Any) -> SamViTEncoder:
-    """SAM ViT-B image encoder (the LVM-Med ViT backbone): 12 blocks of width 768 with 12 heads, 14x14 windows,
-    global attention in blocks 2, 5, 8 and 11, 16x16 patches and a 256-channel neck.
+# SAM's three image encoders (Kirillov et al., ICCV 2023, ``build_sam_vit_{b,l,h}``), which LVM-Med also builds
+# (``vit_encoder_b/l/h``, without absolute position embedding): 16x16 patches, 14x14 windows, 256-channel neck.
+SAM_VIT_SIZES: dict[str, dict[str, Any]] = {
+    "b": {"embed_dim": 768, "depth": 12, "num_heads": 12, "global_attn_indexes": (2, 5, 8, 11)},
+    "l": {"embed_dim": 1024, "depth": 24, "num_heads": 16, "global_attn_indexes": (5, 11, 17, 23)},
+    "h": {"embed_dim": 1280, "depth": 32, "num_heads": 16, "global_attn_indexes": (7, 15, 23, 31)},
+}
+
+
+def sam_vit(size: str = "b", img_size: int = 1024, **overrides: Any) -> SamViTEncoder:
+    """SAM ViT-B, ViT-L or ViT-H image encoder (see :data:`SAM_VIT_SIZES`).
 
     Args:
+        size: ``"b"`` (768 wide, 12 blocks, 12 heads), ``"l"`` (1024, 24, 16) or ``"h"`` (1280, 32, 16).
         img_size: side of the square training image (1024 for the released weights).
         overrides: any other :class:`SamViTEncoder` argument, e.g. ``use_abs_pos=True`` for SAM's own checkpoint.
+
+    Example::
+
+        encoder = sam_vit("h", use_abs_pos=False)  # LVM-Med's ViT-H layout
     """
+    if size not in SAM_VIT_SIZES:
+        raise ValueError(f"size must be one of {sorted(SAM_VIT_SIZES)}, got {size!r}.")
     settings: dict[str, Any] = {
         "patch_size": 16,
-        "embed_dim": 768,
-        "depth": 12,
-        "num_heads": 12,
         "mlp_ratio": 4.0,
         "out_chans": 256,
         "qkv_bias": True,
         "use_rel_pos": True,
         "window_size": 14,
-        "global_attn_indexes": (2, 5, 8, 11),
+        **SAM_VIT_SIZES[size],
     }
     settings.update(overrides)
     return SamViTEncoder(img_size=img_size, **settings)
+
+
+def sam_vit_b(img_size: int = 1024, **overrides: Any) -> SamViTEncoder:
+    """SAM ViT-B image encoder (the LVM-Med ViT backbone): 12 blocks of width 768 with 12 heads, 14x14 windows,
+    global attention in blocks 2, 5, 8 and 11, 16x16 patches and a 256-channel neck (:func:`sam_vit` ``"b"``)."""
+    return sam_vit("b", img_size, **overrides)
+
+
+def sam_vit_l(img_size: int = 1024, **overrides: Any) -> SamViTEncoder:
+    """SAM ViT-L image encoder: 24 blocks of width 1024 with 16 heads, global attention in blocks 5, 11, 17, 23."""
+    return sam_vit("l", img_size, **overrides)
+
+
+def sam_vit_h(img_size: int = 1024, **overrides: Any) -> SamViTEncoder:
+    """SAM ViT-H image encoder: 32 blocks of width 1280 with 16 heads, global attention in blocks 7, 15, 23, 31."""
+    return sam_vit("h", img_size, **overrides)
+
+
+def sam_vit_size(state: Mapping[str, torch.Tensor]) -> str:
+    """``"b"``, ``"l"`` or ``"h"``: the SAM encoder size of an image-encoder state dict, from its width
+    (``patch_embed.proj.weight``) and its number of blocks.
+
+    Raises:
+        ValueError: the state is not a SAM image encoder of one of the three sizes.
+    """
+    weight = state.get("patch_embed.proj.weight")
+    depth = len({key.split(".")[1] for key in state if key.startswith("blocks.")})
+    for size, settings in SAM_VIT_SIZES.items():
+        if weight is not None and weight.shape[0] == settings["embed_dim"] and depth == settings["depth"]:
+            return size
+    width = None if weight is None else int(weight.shape[0])
+    known = ", ".join(f"{name}: {settings['embed_dim']} x {settings['depth']}" for name, settings in SAM_VIT_SIZES.items())
+    raise ValueError(f"state of width {width} with {depth} blocks is none of SAM's ViT sizes (width x blocks: {known}).")

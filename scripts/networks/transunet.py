@@ -9,7 +9,7 @@ import torch
 from monai.networks.blocks.dynunet_block import UnetOutBlock, UnetResBlock, UnetUpBlock
 from torch import nn
 
-from scripts.networks.sam_vit import sam_vit_b
+from scripts.networks.sam_vit import sam_vit
 
 __all__ = ["TransUNet"]
 
@@ -31,7 +31,8 @@ class TransUNet(nn.Module):
         out_channels: classes, background included.
         vit_img_size: the square image size the ViT's global relative positions were trained for (1024 for
             ``lvmmed_vit.pth`` and SAM); inputs of any multiple of 16 are accepted, positions are interpolated.
-        vit_args: other ``scripts.networks.sam_vit.SamViTEncoder`` arguments overriding ViT-B's (e.g. a tiny
+        vit_size: SAM encoder size, ``"b"``, ``"l"`` or ``"h"`` (``scripts.networks.sam_vit.SAM_VIT_SIZES``).
+        vit_args: other ``scripts.networks.sam_vit.SamViTEncoder`` arguments overriding the size's (e.g. a tiny
             ``embed_dim``/``depth`` for tests, ``use_abs_pos=True`` for SAM's own checkpoint).
         skip_channels: channels of the convolutional skips at scales 1, 1/2, 1/4 and 1/8; the decoder stage
             of each scale has as many channels.
@@ -51,6 +52,7 @@ class TransUNet(nn.Module):
         in_channels: int = 1,
         out_channels: int = 2,
         vit_img_size: int = 1024,
+        vit_size: str = "b",
         vit_args: Mapping[str, Any] | None = None,
         skip_channels: Sequence[int] = (16, 32, 64, 128),
         norm: str | tuple = "batch",
@@ -62,7 +64,7 @@ class TransUNet(nn.Module):
             raise ValueError(f"skip_channels needs 4 positive values (scales 1, 1/2, 1/4, 1/8), got {skip_channels}.")
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.encoder = sam_vit_b(img_size=vit_img_size, **{**dict(vit_args or {}), "in_chans": in_channels})
+        self.encoder = sam_vit(vit_size, img_size=vit_img_size, **{**dict(vit_args or {}), "in_chans": in_channels})
         self.patch_size = self.encoder.patch_size
 
         stems, previous = [], in_channels

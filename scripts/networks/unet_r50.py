@@ -18,7 +18,7 @@ class ResNet50UNet(FlexibleUNet):
     MONAI's ``FlexibleUNet`` with its ``resnet50`` backbone: the encoder (``self.encoder``) has the same keys and
     shapes as torchvision's ``resnet50`` without ``fc`` (``conv1``, ``bn1``, ``layer1-4``), so the LVM-Med export
     ``models/encoder_r50.pt`` and the official ``lvmmed_resnet.torch`` load into it (see
-    ``scripts.segmentation.pretrained.load_pretrained_encoder``). The decoder upsamples five times with skip
+    ``scripts.weights.load_pretrained_encoder``). The decoder upsamples five times with skip
     connections from the stem and layers 1-3 and predicts at the input resolution, which must be a multiple of 32
     in each dimension (the encoder halves it five times).
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from scripts.objective.geometry import nearest_location
+from scripts.objective.geometry import inside_box, nearest_location
 
 __all__ = ["global_affinity", "local_affinity", "edge_affinity"]
 
@@ -28,24 +28,37 @@ def global_affinity(nodes1: torch.Tensor, nodes2: torch.Tensor) -> torch.Tensor:
 
 
 def local_affinity(
-    features1: torch.Tensor, features2: torch.Tensor, grid1: torch.Tensor, grid2: torch.Tensor
+    features1: torch.Tensor,
+    features2: torch.Tensor,
+    grid1: torch.Tensor,
+    grid2: torch.Tensor,
+    box2: torch.Tensor | None = None,
+    num_matches: int | None = None,
 ) -> torch.Tensor:
-    """Location- and feature-based local affinity of LVM-Med (Eq. 2), averaged.
+    """Location- and feature-based local affinity of LVM-Med (Eq. 2 and appendix A's ``local_cost``).
 
     For views i (of graph 1) and a (of graph 2), every cell p of i's feature map is compared by cosine
     similarity with (1) the cell of a whose centre is closest to p's in original-image coordinates and
-    (2) the cell of a whose feature vector is closest to p's in L2 distance; both are averaged over p
-    and the two averages are averaged.
+    (2) the cell of a whose feature vector is closest to p's in L2 distance. Appendix A keeps the best
+    matches ("gamma: maximum pairs are kept, select_top"): each term averages the ``num_matches``
+    highest cosines over p, and the location term only counts cells p that lie inside view a's crop
+    (elsewhere the closest cell of a shows other content). The two terms are averaged; a term with no
+    cell to count is 0.
 
     Args:
         features1: (G, n, P, D) feature vectors of the P = R x S cells of view-1 feature maps.
         features2: (G, n, Q, D) same for view 2.
         grid1: (G, n, P, 2) cell centres of view 1 in its original image (see ``crop_grid``).
         grid2: (G, n, Q, 2) same for view 2.
+        box2: (G, n, 4) crop boxes (y0, x0, y1, x1) of the view-2 feature maps in their original images
+            (see ``grid_box``); None counts every cell in the location term.
+        num_matches: gamma, the number of best cells kept per term (None or >= P: all).
 
     Returns:
         (G, n, n) affinities in [-1, 1].
     """
+    if num_matches is not None and num_matches < 1:
+        raise ValueError(f"num_matches must be positive or None, got {num_matches}.")
     # one product gives both the cosines and the L2 distances used to pick feature neighbours
     dots = torch.einsum("gipd,gaqd->giapq", features1, features2)
     norms1 = features1.norm(dim=-1)  # (G, n, P)
@@ -55,10 +68,24 @@ def local_affinity(
     with torch.no_grad():
         squared_distance = norms1[:, :, None, :, None] ** 2 + norms2[:, None, :, None, :] ** 2 - 2 * dots
         by_feature = squared_distance.argmin(dim=-1)  # (G, n, n, P)
-        by_location = torch.stack([nearest_location(g1, g2) for g1, g2 in zip(grid1, grid2)])
-    location_cost = cosines.gather(-1, by_location[..., None]).squeeze(-1).mean(-1)
-    feature_cost = cosines.gather(-1, by_feature[..., None]).squeeze(-1).mean(-1)
+        by_location = nearest_location(grid1, grid2)
+        inside = None if box2 is None else inside_box(grid1, box2)  # (G, n, n, P)
+    location_cost = _mean_of_best(cosines.gather(-1, by_location[..., None]).squeeze(-1), inside, num_matches)
+    feature_cost = _mean_of_best(cosines.gather(-1, by_feature[..., None]).squeeze(-1), None, num_matches)
     return 0.5 * (location_cost + feature_cost)
+
+
+def _mean_of_best(values: torch.Tensor, valid: torch.Tensor | None, count: int | None) -> torch.Tensor:
+    """Mean of the ``count`` largest valid entries along the last axis (all when None); 0 where none is valid."""
+    cells = values.shape[-1]
+    if valid is None and (count is None or count >= cells):
+        return values.mean(-1)
+    if valid is not None:
+        values = values.masked_fill(~valid, -torch.inf)
+    if count is not None and count < cells:
+        values = values.topk(count, dim=-1).values
+    kept = torch.isfinite(values)
+    return torch.where(kept, values, 0.0).sum(-1) / kept.sum(-1).clamp_min(1)
 
 
 def edge_affinity(nodes1: torch.Tensor, edges1: torch.Tensor, nodes2: torch.Tensor, edges2: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["crop_grid", "pool_grid", "nearest_location"]
+__all__ = ["crop_grid", "pool_grid", "grid_box", "inside_box", "nearest_location"]
 
 
 def crop_grid(boxes: torch.Tensor, flipped: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -56,15 +56,51 @@ def pool_grid(grid: torch.Tensor, size: int) -> torch.Tensor:
     return F.adaptive_avg_pool2d(grid.permute(0, 3, 1, 2), target).permute(0, 2, 3, 1)
 
 
+def grid_box(grid: torch.Tensor) -> torch.Tensor:
+    """The region of the original image that a feature map's cells cover, from its grid of cell centres.
+
+    Args:
+        grid: (N, R, S, 2) cell centres (y, x), evenly spaced as ``crop_grid`` and ``pool_grid`` make them.
+
+    Returns:
+        (N, 4) boxes (y0, x0, y1, x1): the outermost centres widened by half a cell (a map of one row or
+        column has no spacing to measure, and its box is the line through its centres).
+    """
+    if grid.ndim != 4 or grid.shape[-1] != 2:
+        raise ValueError(f"grid must have shape (N, R, S, 2), got {tuple(grid.shape)}.")
+    points = grid.flatten(1, 2)  # (N, R*S, 2)
+    low, high = points.amin(1), points.amax(1)  # (N, 2)
+    # half a cell per axis, from the spread of the centres over (cells - 1) gaps
+    half = [0.5 / (cells - 1) if cells > 1 else 0.0 for cells in grid.shape[1:3]]
+    widen = (high - low) * grid.new_tensor(half)
+    return torch.cat([low - widen, high + widen], dim=1)
+
+
+def inside_box(grid1: torch.Tensor, box2: torch.Tensor) -> torch.Tensor:
+    """For every pair of views (i, a) of G graphs, which cells of view i lie inside view a's box.
+
+    Args:
+        grid1: (G, n, P, 2) cell centres of the first views.
+        box2: (G, n, 4) boxes (y0, x0, y1, x1) of the second views.
+
+    Returns:
+        bool tensor (G, n, n, P).
+    """
+    point = grid1[:, :, None]  # (G, n, 1, P, 2)
+    low, high = box2[:, None, :, None, :2], box2[:, None, :, None, 2:]  # (G, 1, n, 1, 2)
+    return ((point >= low) & (point <= high)).all(-1)
+
+
 def nearest_location(grid1: torch.Tensor, grid2: torch.Tensor) -> torch.Tensor:
     """For every pair of views (i, a) and every cell p of view i, the cell of view a closest to it.
 
     Args:
-        grid1: (N, P, 2) cell centres of N first views (P = R x S cells, flattened).
-        grid2: (M, Q, 2) cell centres of M second views.
+        grid1: (..., N, P, 2) cell centres of N first views (P = R x S cells, flattened).
+        grid2: (..., M, Q, 2) cell centres of M second views; leading dimensions as grid1's.
 
     Returns:
-        long tensor of shape (N, M, P): index into the Q cells of view a.
+        long tensor of shape (..., N, M, P): index into the Q cells of view a.
     """
-    distances = torch.cdist(grid1[:, None].expand(-1, grid2.shape[0], -1, -1), grid2[None].expand(grid1.shape[0], -1, -1, -1))
-    return distances.argmin(dim=-1)
+    first = grid1[..., :, None, :, :].expand(*grid1.shape[:-2], grid2.shape[-3], *grid1.shape[-2:])
+    second = grid2[..., None, :, :, :].expand(*grid2.shape[:-3], grid1.shape[-3], *grid2.shape[-3:])
+    return torch.cdist(first.flatten(0, -3), second.flatten(0, -3)).argmin(dim=-1).view(first.shape[:-1])

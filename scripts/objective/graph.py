@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch_geometric.nn import GCNConv
+from torch_geometric.nn import DenseGCNConv
 
 __all__ = ["graph_sizes", "knn_edges", "pad_edges", "MessagePassing"]
 
@@ -66,31 +66,41 @@ def knn_edges(embeddings: torch.Tensor, k: int) -> torch.Tensor:
     return adjacency | adjacency.transpose(1, 2)
 
 
-def pad_edges(adjacency: torch.Tensor) -> torch.Tensor:
+def pad_edges(adjacency: torch.Tensor, width: int | None = None) -> torch.Tensor:
     """Directed edge lists of a batch of graphs, padded to a common length with (0, 0) rows.
+
+    A length fixed by the caller (e.g. ``2 n k``, the most edges a symmetric kNN graph can have) needs
+    no device-to-host synchronisation; None takes the largest edge count of the batch (one).
 
     Args:
         adjacency: (G, n, n) bool adjacency matrices without self-loops.
+        width: length E of every list, at least the largest edge count (extra edges would be dropped);
+            None: the largest edge count.
 
     Returns:
-        long tensor (G, E, 2) of (source, target) pairs, E the largest edge count in the batch;
-        padding rows are (0, 0), which no real edge is.
+        long tensor (G, E, 2) of (source, target) pairs in row-major order; padding rows are (0, 0),
+        which no real edge is.
     """
-    counts = adjacency.sum(dim=(1, 2))
-    width = int(counts.max()) if adjacency.shape[0] else 0
-    edges = torch.zeros(adjacency.shape[0], width, 2, dtype=torch.long, device=adjacency.device)
-    graph, source, target = adjacency.nonzero(as_tuple=True)
-    # position of each edge inside its graph's list: running count minus the graph's offset
-    offsets = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(graph.numel(), device=adjacency.device) - offsets[graph]
-    edges[graph, slot] = torch.stack([source, target], dim=1)
-    return edges
+    if width is None:
+        width = int(adjacency.sum(dim=(1, 2)).max()) if adjacency.shape[0] else 0
+    if width < 0:
+        raise ValueError(f"width must be non-negative, got {width}.")
+    num_nodes = adjacency.shape[-1]
+    flat = adjacency.flatten(1).to(torch.uint8)
+    width = min(width, flat.shape[1])
+    # a stable descending sort lists the edges first, in row-major order, then the non-edges
+    present, position = flat.sort(dim=1, descending=True, stable=True)
+    present, position = present[:, :width].bool(), position[:, :width]
+    edges = torch.stack([position // num_nodes, position % num_nodes], dim=-1)
+    return torch.where(present[..., None], edges, 0)
 
 
 class MessagePassing(nn.Module):
     """Graph convolutional network shared by the two views' graphs (LVM-Med Eq. 1).
 
-    Each layer computes ``D^-1/2 (A + I) D^-1/2 H W`` (torch-geometric's ``GCNConv``); a ReLU
+    Each layer computes ``D^-1/2 (A + I) D^-1/2 H W`` (torch-geometric's ``DenseGCNConv``, the dense
+    batched form of ``GCNConv`` with the same parameters: graphs of ~16 vertices, where the sparse form's
+    edge-index handling costs device-to-host synchronisations and many small launches); a ReLU
     follows every layer but the last, so the output embeddings are not confined to the
     non-negative orthant before cosine similarities are taken.
 
@@ -121,7 +131,7 @@ class MessagePassing(nn.Module):
             raise ValueError(f"MessagePassing needs at least one layer of positive size, got {sizes}.")
         if residual and sizes[-1] != in_features:
             raise ValueError(f"a residual GCN must end with in_features={in_features} features, got {sizes[-1]}.")
-        self.layers = nn.ModuleList(GCNConv(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.layers = nn.ModuleList(DenseGCNConv(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
         self.activation = nn.ReLU()
         self.residual = residual
 
@@ -139,14 +149,9 @@ class MessagePassing(nn.Module):
                 f"MessagePassing expects embeddings (G, n, F) and adjacency (G, n, n), "
                 f"got {tuple(embeddings.shape)} and {tuple(adjacency.shape)}."
             )
-        num_graphs, num_nodes, _ = embeddings.shape
-        graph, source, target = adjacency.nonzero(as_tuple=True)
-        # the G graphs as one disjoint union, the batching torch-geometric expects
-        edge_index = torch.stack([graph * num_nodes + source, graph * num_nodes + target])
-        x = embeddings.reshape(num_graphs * num_nodes, -1)
+        x, weights = embeddings, adjacency.to(embeddings.dtype)
         for index, layer in enumerate(self.layers):
-            x = layer(x, edge_index)
+            x = layer(x, weights)
             if index < len(self.layers) - 1:
                 x = self.activation(x)
-        x = x.reshape(num_graphs, num_nodes, -1)
         return embeddings + x if self.residual else x

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -9,13 +10,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from scripts.objective.affinity import edge_affinity, global_affinity, local_affinity
-from scripts.objective.geometry import pool_grid
+from scripts.objective.geometry import grid_box, pool_grid
 from scripts.objective.graph import MessagePassing, graph_sizes, knn_edges, pad_edges
 from scripts.objective.hamming import hamming_distance
-from scripts.objective.imle import Solver, imle_match
+from scripts.objective.imle import IMLEState, Solver, imle_match
 from scripts.objective.qap import GraphMatchingSolver, QAPBatch, linear_assignment
 
 __all__ = ["LVMMedLoss"]
+
+_AUTO_GRID_SIZE = 8  # local_grid_size="auto": at most 8 x 8 cells, 4,096 cell pairs per image pair
 
 
 def _check_types(**values: tuple[object, type | tuple[type, ...]]) -> None:
@@ -52,18 +55,26 @@ class LVMMedLoss(nn.Module):
             near-equal size).
         num_neighbors: k of the k-nearest-neighbour graphs (below graph_size).
         alpha: weight of the global affinity; 1 - alpha goes to the local affinity.
-        lambda_: IMLE finite-difference step, in units of one graph's Hamming loss.
+        lambda_: IMLE finite-difference step: the target problem moves every vertex affinity by
+            +-lambda_ (towards the true matching), in the affinities' own units (cosines in [-1, 1]),
+            whatever the loss's weight or AMP's loss scale (see ``docs/objective.md``).
         num_samples: IMLE noise samples per step.
         noise_scale: scale of the Gumbel noise, relative to affinities that are cosines in [-1, 1]
             (1.0 drowns them: see ``docs/objective.md``).
+        margin: the constant that replaces the noise when ``noise="none"``: subtracted from the
+            true-match vertex affinities, as BB-GM's margin (ablation iii).
         gcn_features: layer sizes of the GCN.
         gcn_residual: add the GCN's input to its output (``MessagePassing``); False is Eq. 1 as printed.
         local_grid_size: feature maps larger than this per side are average-pooled to it before the
-            local affinity (its cost grows with the square of the number of cells); None keeps them.
+            local affinity (its memory grows with the square of the number of cells); "auto" pools to at
+            most 8 x 8 cells (at most 4,096 cell pairs per image pair: ResNet-50's 7 x 7 maps stay, a ViT's
+            64 x 64 maps are pooled); None keeps every cell.
+        local_num_matches: gamma of appendix A, the best cell matches kept per local term (None: all).
+        edge_weight: weight of the edge (second-order) term against the vertex term in the matching score.
         second_order: use edge affinities (quadratic assignment); False solves a linear assignment
             on the vertex affinities (ablation i of the paper).
         message_passing: use the GCN; False matches the projector embeddings directly (ablation ii).
-        noise: "gumbel", or "none" for the paper's constant-noise ablation (iii).
+        noise: "gumbel", or "none" for the paper's no-Gumbel ablation (iii): a constant margin instead.
         local_similarity: use the local affinity; False sets the vertex affinity to the global one
             (ablation iv).
         solver: MAP solver of the quadratic problems; defaults to ``GraphMatchingSolver()``.
@@ -83,12 +94,15 @@ class LVMMedLoss(nn.Module):
         graph_size: int = 16,
         num_neighbors: int = 5,
         alpha: float = 0.8,
-        lambda_: float = 80.0,
+        lambda_: float = 3.0,
         num_samples: int = 1,
         noise_scale: float = 0.1,
+        margin: float = 1.0,
         gcn_features: tuple[int, ...] = (128, 128),
         gcn_residual: bool = True,
-        local_grid_size: int | None = None,
+        local_grid_size: int | Literal["auto"] | None = "auto",
+        local_num_matches: int | None = 20,
+        edge_weight: float = 1.0,
         second_order: bool = True,
         message_passing: bool = True,
         noise: Literal["gumbel", "none"] = "gumbel",
@@ -101,7 +115,8 @@ class LVMMedLoss(nn.Module):
             alpha=(alpha, float), lambda_=(lambda_, float), num_samples=(num_samples, int),
             noise_scale=(noise_scale, float), gcn_residual=(gcn_residual, bool), second_order=(second_order, bool),
             message_passing=(message_passing, bool), local_similarity=(local_similarity, bool),
-            noise=(noise, str), local_grid_size=(local_grid_size, (int, type(None))),
+            noise=(noise, str), local_grid_size=(local_grid_size, (int, str, type(None))), margin=(margin, float),
+            local_num_matches=(local_num_matches, (int, type(None))), edge_weight=(edge_weight, float),
         )
         if graph_size < 2:
             raise ValueError(f"graph_size must be at least 2, got {graph_size}.")
@@ -115,8 +130,14 @@ class LVMMedLoss(nn.Module):
             raise ValueError(f"noise must be 'gumbel' or 'none', got {noise!r}.")
         if num_samples < 1 or noise_scale <= 0:
             raise ValueError(f"num_samples and noise_scale must be positive, got {num_samples}, {noise_scale}.")
-        if local_grid_size is not None and local_grid_size < 1:
-            raise ValueError(f"local_grid_size must be positive or None, got {local_grid_size}.")
+        if isinstance(local_grid_size, str) and local_grid_size != "auto":
+            raise ValueError(f"local_grid_size must be a positive int, 'auto' or None, got {local_grid_size!r}.")
+        if isinstance(local_grid_size, int) and local_grid_size < 1:
+            raise ValueError(f"local_grid_size must be positive, 'auto' or None, got {local_grid_size}.")
+        if local_num_matches is not None and local_num_matches < 1:
+            raise ValueError(f"local_num_matches must be positive or None, got {local_num_matches}.")
+        if margin < 0 or edge_weight < 0:
+            raise ValueError(f"margin and edge_weight must be non-negative, got {margin}, {edge_weight}.")
         self.embedding_dim = embedding_dim
         self.graph_size = graph_size
         self.num_neighbors = num_neighbors
@@ -124,16 +145,20 @@ class LVMMedLoss(nn.Module):
         self.lambda_ = lambda_
         self.num_samples = num_samples
         self.noise_scale = noise_scale
-        self.local_grid_size = local_grid_size
+        self.margin = margin
+        self.local_grid_size = _AUTO_GRID_SIZE if local_grid_size == "auto" else local_grid_size
+        self.local_num_matches = local_num_matches
+        self.edge_weight = edge_weight
         self.second_order = second_order
         self.noise = noise
         self.local_similarity = local_similarity and alpha < 1.0
         self.gcn = MessagePassing(embedding_dim, gcn_features, gcn_residual) if message_passing else None
+        # built after the modules so that torch's seed (set_determinism, manual_seed) fixes its random starts
         self.solver: Solver = solver if solver is not None else GraphMatchingSolver()
         # share of images whose first view was matched to its own second view in the last forward
         self.last_match_accuracy = torch.tensor(float("nan"))
-        # non-zero and total entries of the IMLE gradient on the vertex affinities in the last backward
-        self._gradient_entries = [0, 0]
+        # the IMLE solutions of the last step, one state per graph size
+        self._states: list[IMLEState] = []
 
     def forward(
         self,
@@ -154,15 +179,30 @@ class LVMMedLoss(nn.Module):
             grid2: (N, R2, S2, 2) same for ``features2``.
 
         Returns:
-            scalar loss: mean over graphs of the Hamming distance to the true matching. A batch of one
-            image has no matching to learn from and gives zero.
+            scalar loss: mean over graphs of the Hamming distance to the true matching, in float32. The
+            objective computes in float32 whatever autocast is active; gradients reach the inputs in
+            their own dtype. A batch of one image has no matching to learn from and gives zero.
         """
         self._check_inputs(embeddings1, embeddings2, features1, features2, grid1, grid2)
-        self._gradient_entries = [0, 0]
+        self._states = []
         num_images = embeddings1.shape[0]
         if num_images < 2:
             self.last_match_accuracy = torch.tensor(float("nan"))
-            return embeddings1.sum() * 0.0
+            return embeddings1.float().sum() * 0.0
+        with torch.autocast(device_type=embeddings1.device.type, enabled=False):
+            return self._graph_matching_loss(*(_as_float32(t) for t in (
+                embeddings1, embeddings2, features1, features2, grid1, grid2)))
+
+    def _graph_matching_loss(
+        self,
+        embeddings1: torch.Tensor,
+        embeddings2: torch.Tensor,
+        features1: torch.Tensor | None,
+        features2: torch.Tensor | None,
+        grid1: torch.Tensor | None,
+        grid2: torch.Tensor | None,
+    ) -> torch.Tensor:
+        num_images = embeddings1.shape[0]
         sizes = graph_sizes(num_images, self.graph_size)
         total = embeddings1.new_zeros(())
         correct = embeddings1.new_zeros(())
@@ -175,51 +215,70 @@ class LVMMedLoss(nn.Module):
             local = None
             if self.local_similarity:
                 local = self._local_affinity(features1[rows], features2[rows], grid1[rows], grid2[rows], count)
-            matching = self._match(embeddings1[rows].reshape(count, size, -1), embeddings2[rows].reshape(count, size, -1), local, len(sizes))
+            matching = self._match(embeddings1[rows].reshape(count, size, -1), embeddings2[rows].reshape(count, size, -1), local)
             total = total + hamming_distance(matching).sum()
             correct = correct + matching.detach().diagonal(dim1=1, dim2=2).sum()
         self.last_match_accuracy = correct / num_images
         return total / len(sizes)
 
-    def _match(
-        self, embeddings1: torch.Tensor, embeddings2: torch.Tensor, local: torch.Tensor | None, num_graphs: int
-    ) -> torch.Tensor:
+    def _match(self, embeddings1: torch.Tensor, embeddings2: torch.Tensor, local: torch.Tensor | None) -> torch.Tensor:
         """(G, n, n) IMLE matchings of G graph pairs built from (G, n, F) embeddings."""
-        adjacency1 = knn_edges(embeddings1, self.num_neighbors)
-        adjacency2 = knn_edges(embeddings2, self.num_neighbors)
-        nodes1, nodes2 = embeddings1, embeddings2
-        if self.gcn is not None:
-            nodes1, nodes2 = self.gcn(embeddings1, adjacency1), self.gcn(embeddings2, adjacency2)
+        num_graphs, num_nodes = embeddings1.shape[:2]
+        # both views' graphs in one batch: half the operator calls (kernel launches on CUDA)
+        embeddings = torch.cat([embeddings1, embeddings2])
+        adjacency = knn_edges(embeddings, self.num_neighbors)
+        nodes = embeddings if self.gcn is None else self.gcn(embeddings, adjacency)
+        nodes1, nodes2 = nodes[:num_graphs], nodes[num_graphs:]
         unary = global_affinity(nodes1, nodes2)
         if local is not None:
             unary = self.alpha * unary + (1.0 - self.alpha) * local
         if self.second_order:
-            edges1, edges2 = pad_edges(adjacency1), pad_edges(adjacency2)
-            pairwise = edge_affinity(nodes1, edges1, nodes2, edges2)
+            # a symmetric kNN graph has at most 2 n k directed edges: a fixed width needs no host sync
+            edges = pad_edges(adjacency, 2 * num_nodes * min(self.num_neighbors, num_nodes - 1))
+            edges1, edges2 = edges[:num_graphs], edges[num_graphs:]
+            pairwise = self.edge_weight * edge_affinity(nodes1, edges1, nodes2, edges2)
             solver = self.solver
         else:
-            edges1 = edges2 = unary.new_zeros((unary.shape[0], 0, 2), dtype=torch.long)
-            pairwise = unary.new_zeros((unary.shape[0], 0, 0))
+            edges1 = edges2 = unary.new_zeros((num_graphs, 0, 2), dtype=torch.long)
+            pairwise = unary.new_zeros((num_graphs, 0, 0))
             solver = _linear_assignment_solver
-        if unary.requires_grad:
-            unary.register_hook(self._count_gradient_entries)
         problem = QAPBatch(unary=unary, edges1=edges1, edges2=edges2, pairwise=pairwise)
-        # the objective averages over graphs, which scales each graph's gradient by 1 / num_graphs;
-        # the step is scaled back so that lambda keeps the meaning it has for a single graph
-        return imle_match(problem, solver, self.lambda_ * num_graphs, self.noise, self.noise_scale, self.num_samples)
+        truth = torch.eye(num_nodes, dtype=unary.dtype, device=unary.device).expand(num_graphs, -1, -1)
+        state = IMLEState()
+        self._states.append(state)
+        # the Hamming loss's gradient with respect to the matching is 1 - 2 I: the IMLE target is solved
+        # in the forward, in the same solver call
+        return imle_match(problem, solver, self.lambda_, self.noise, self.noise_scale, self.margin,
+                          self.num_samples, truth=truth, loss_direction=1 - 2 * truth, state=state)
 
     @property
     def last_gradient_nonzero_share(self) -> float:
-        """Share of non-zero entries of the IMLE gradient on the vertex affinities in the last backward.
+        """Share of non-zero entries of the IMLE gradient on the vertex affinities in the last step.
 
         Zero means the perturbed and target matchings agreed everywhere: no learning signal.
         """
-        nonzero, total = self._gradient_entries
-        return nonzero / total if total else float("nan")
+        return self._share_of_states(lambda state: (state.matching != state.target_matching).flatten())
 
-    def _count_gradient_entries(self, gradient: torch.Tensor) -> None:
-        self._gradient_entries[0] += int(gradient.count_nonzero())
-        self._gradient_entries[1] += gradient.numel()
+    @property
+    def last_target_differs_share(self) -> float:
+        """Share of the last step's IMLE target matchings that differ from the true one.
+
+        Near 1 when lambda_ is too small to pull the target to the truth; 0 when lambda_ saturates
+        (every target is the true matching and the gradient is (x - I) / lambda_ whatever lambda_).
+        """
+        def differs(state: IMLEState) -> torch.Tensor:
+            target = state.target_matching
+            identity = torch.eye(target.shape[1], dtype=target.dtype, device=target.device)
+            return (target != identity).flatten(1).any(1)
+
+        return self._share_of_states(differs)
+
+    def _share_of_states(self, flags: Callable[[IMLEState], torch.Tensor]) -> float:
+        """Mean of per-state boolean flags over the last step's states (NaN before any backward)."""
+        values = [flags(state) for state in self._states if state.target_matching is not None]
+        if not values:
+            return float("nan")
+        return float(torch.cat(values).float().mean())
 
     def _local_affinity(
         self,
@@ -240,7 +299,9 @@ class LVMMedLoss(nn.Module):
         def centres(grid: torch.Tensor) -> torch.Tensor:
             return grid.reshape(num_graphs, -1, grid.shape[1] * grid.shape[2], 2)
 
-        return local_affinity(cells(features1), cells(features2), centres(grid1), centres(grid2))
+        box2 = grid_box(grid2).reshape(num_graphs, -1, 4)
+        return local_affinity(cells(features1), cells(features2), centres(grid1), centres(grid2), box2,
+                              self.local_num_matches)
 
     def _pool(self, features: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         size = self.local_grid_size
@@ -262,8 +323,8 @@ class LVMMedLoss(nn.Module):
                 raise ValueError(f"{name} must have shape {expected}, got {tuple(value.shape)}.")
         if embeddings1.shape != embeddings2.shape:
             raise ValueError(f"embeddings1 and embeddings2 differ: {tuple(embeddings1.shape)} vs {tuple(embeddings2.shape)}.")
-        _check_finite(embeddings1=embeddings1, embeddings2=embeddings2)
         if not self.local_similarity:
+            _check_finite(embeddings1=embeddings1, embeddings2=embeddings2)
             return
         if features1 is None or features2 is None or grid1 is None or grid2 is None:
             raise ValueError("the local affinity needs features1, features2, grid1 and grid2 (or local_similarity=False).")
@@ -278,13 +339,20 @@ class LVMMedLoss(nn.Module):
                 )
         if features1.shape[1] != features2.shape[1]:
             raise ValueError(f"features1 and features2 have {features1.shape[1]} and {features2.shape[1]} channels.")
-        _check_finite(features1=features1, features2=features2)
+        _check_finite(embeddings1=embeddings1, embeddings2=embeddings2, features1=features1, features2=features2)
+
+
+def _as_float32(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """float32 copy of a tensor of another dtype (no operator call when it already is float32)."""
+    return tensor if tensor is None or tensor.dtype == torch.float32 else tensor.float()
 
 
 def _check_finite(**tensors: torch.Tensor) -> None:
-    for name, value in tensors.items():
-        if not torch.isfinite(value).all():
-            raise ValueError(f"{name} holds NaN or Inf values.")
+    """Raises naming the first tensor with NaN or Inf values; one device-to-host synchronisation when all are finite."""
+    finite = torch.stack([torch.isfinite(value).all() for value in tensors.values()])
+    if not bool(finite.all()):
+        name = list(tensors)[int(finite.logical_not().nonzero()[0])]
+        raise ValueError(f"{name} holds NaN or Inf values.")
 
 
 def _linear_assignment_solver(problem: QAPBatch) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Segmentation handlers: the best network as a plain state dict (``models/model.pt``), per-class metric tables."""
+"""Segmentation handlers: the best (or, without validation data, the last) network as a plain state dict
+(``models/model.pt``), per-class metric tables."""
 
 from __future__ import annotations
 
@@ -15,9 +16,17 @@ from torch import nn
 
 from scripts.atomic_save import save_atomically, write_atomically
 
-__all__ = ["BestModelSaver", "ClassMetricsWriter"]
+__all__ = ["BestModelSaver", "ClassMetricsWriter", "FinalModelSaver", "save_network"]
 
 logger = logging.getLogger(__name__)
+
+
+def save_network(network: nn.Module, path: Path) -> None:
+    """Writes ``network.state_dict()`` (on CPU) to ``path`` atomically, on rank 0 only (every rank holds the same
+    weights under DDP)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+        return
+    save_atomically({key: tensor.detach().cpu() for key, tensor in network.state_dict().items()}, path)
 
 
 class BestModelSaver:
@@ -62,10 +71,38 @@ class BestModelSaver:
         if not value > self.best:  # NaN never counts as an improvement
             return
         self.best = value
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
-            return
-        save_atomically({key: tensor.detach().cpu() for key, tensor in self.network.state_dict().items()}, self.path)
+        save_network(self.network, self.path)
         logger.info("best %s %.4f: network saved to %s", name, value, self.path)
+
+
+class FinalModelSaver:
+    """When training completes without any validation result, writes ``network.state_dict()`` to ``path``: the
+    last network, for runs where ``best_model_saver`` never saw a metric (no validation data, or fewer epochs than
+    the validation interval).
+
+    MONAI Label's ``BundleTrainTask`` splits the labelled images 80/20; with fewer than five the validation list it
+    passes is empty (``configs/train.json`` then disables its ``ValidationHandler``), and the run must still update
+    the weights it serves. A run that validated keeps the best network ``best_model_saver`` wrote.
+
+    Args:
+        network: the network (not its DistributedDataParallel wrapper), e.g. ``@network_def``.
+        path: destination, e.g. ``models/model.pt`` (the same as ``best_model_saver``'s).
+        best_model_saver: the validation's :class:`BestModelSaver`.
+    """
+
+    def __init__(self, network: nn.Module, path: str | Path, best_model_saver: BestModelSaver) -> None:
+        self.network = network
+        self.path = Path(path)
+        self.best_model_saver = best_model_saver
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if self.best_model_saver.best > -math.inf:
+            return
+        save_network(self.network, self.path)
+        logger.info("training finished at epoch %d: last network saved to %s", engine.state.epoch, self.path)
 
 
 class ClassMetricsWriter:

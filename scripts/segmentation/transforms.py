@@ -8,15 +8,18 @@ training draws single slices with balanced foreground (``SliceBalanceIndicesd`` 
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+import logging
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor
+from monai.data import FolderLayout, MetaTensor
 from monai.data.utils import to_affine_nd
-from monai.transforms import MapTransform, SaveImage
+from monai.transforms import MapTransform, SaveImage, SaveImaged
+
+from scripts.data.readers import detect_format
 
 __all__ = [
     "AsVolumed",
@@ -24,12 +27,16 @@ __all__ = [
     "SaveMaskd",
     "SliceBalanceIndicesd",
     "ValidateLabeld",
+    "NORMALISATIONS",
     "imagenet_statistics",
+    "normalisation_statistics",
 ]
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 _PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+logger = logging.getLogger(__name__)
 
 
 def imagenet_statistics(channels: int) -> tuple[list[float], list[float]]:
@@ -43,6 +50,29 @@ def imagenet_statistics(channels: int) -> tuple[list[float], list[float]]:
         return list(_IMAGENET_MEAN), list(_IMAGENET_STD)
     return [float(np.mean(_IMAGENET_MEAN))] * channels, [float(np.mean(_IMAGENET_STD))] * channels
 
+
+
+# The two input scalings of the LVM-Med code base (docs/interoperability.md#input-normalisation gives the evidence):
+# "imagenet": intensities in [0, 1], then ImageNet's mean/std (the official classification scripts, torchvision);
+# "minmax_255": min-max scaled to [0, 255] and nothing else (the official R50 segmentation data loader).
+NORMALISATIONS = ("imagenet", "minmax_255")
+
+
+def normalisation_statistics(normalisation: str, channels: int) -> tuple[list[float], list[float]]:
+    """(subtrahend, divisor) per channel for ``NormalizeIntensityd`` applied to intensities already in [0, 1]:
+    :func:`imagenet_statistics` for ``"imagenet"``; (0, 1/255), i.e. a scaling to [0, 255], for ``"minmax_255"``
+    (the configs then scale to [0, 1] by the image's minimum and maximum, not by percentiles).
+
+    Raises:
+        ValueError: an unknown ``normalisation`` or a non-positive ``channels``.
+    """
+    if normalisation not in NORMALISATIONS:
+        raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}.")
+    if normalisation == "imagenet":
+        return imagenet_statistics(channels)
+    if channels < 1:
+        raise ValueError(f"channels must be positive, got {channels}.")
+    return [0.0] * channels, [1.0 / 255.0] * channels
 
 def _source(image: torch.Tensor) -> str:
     """The file an image was loaded from, for error messages."""
@@ -216,11 +246,17 @@ class SliceBalanceIndicesd(MapTransform):
         return d
 
 
-class SaveMaskd(MapTransform):
-    """Writes each mask beside the format of its input: PNG for PNG/JPEG inputs, compressed NIfTI for NIfTI and
-    DICOM (file or series) inputs, with the input's geometry (the mask must already be in the input's space, e.g.
-    after MONAI's ``Invertd``). Paths follow MONAI's ``SaveImage``:
-    ``{output_dir}/[{relative folder under data_root_dir}/][{name}/]{name}_{output_postfix}{.png|.nii.gz}``.
+class SaveMaskd(SaveImaged):
+    """Writes each mask beside the format of its input: PNG for PNG/JPEG inputs, compressed NIfTI for NIfTI inputs,
+    DICOM-SEG for DICOM (file or series) inputs (``scripts.segmentation.dicom_seg``: one segment per foreground
+    class, referencing the source series and, frame by frame, its instances; NIfTI with ``dicom_seg=False``), with
+    the input's geometry (the mask must already be in the input's space, e.g. after MONAI's ``Invertd``). Paths
+    follow MONAI's ``SaveImage``:
+    ``{output_dir}/[{relative folder under data_root_dir}/][{name}/]{name}_{output_postfix}{.png|.nii.gz|.dcm}``.
+
+    It is a ``SaveImaged`` (its NIfTI writer is ``SaveImaged``'s own ``saver``), so that applications which drop
+    the saving steps of a bundle's post-processing by that type drop it too: MONAI Label's ``BundleInferTask``
+    (``post_filter=[SaveImaged]``) returns the mask to the client and writes nothing into the bundle.
 
     Args:
         keys: the masks (channel-first class indices, e.g. after ``AsDiscreted(argmax=True)``).
@@ -229,6 +265,8 @@ class SaveMaskd(MapTransform):
         separate_folder: one sub-folder per input (MONAI's default) or all masks in ``output_dir``.
         data_root_dir: inputs' common root; their sub-folders under it are kept in ``output_dir``.
         print_log: log each saved path.
+        dicom_seg: write DICOM inputs' masks as DICOM-SEG (default) or as NIfTI.
+        class_names: segment labels of classes 1, 2, ... in DICOM-SEG objects (default ``class 1``, ...).
 
     Example::
 
@@ -244,8 +282,9 @@ class SaveMaskd(MapTransform):
         separate_folder: bool = False,
         data_root_dir: str | Path = "",
         print_log: bool = True,
+        dicom_seg: bool = True,
+        class_names: Sequence[str] | None = None,
     ) -> None:
-        super().__init__(keys)
         options = {
             "output_dir": output_dir,
             "output_postfix": output_postfix,
@@ -255,13 +294,37 @@ class SaveMaskd(MapTransform):
             "data_root_dir": data_root_dir,
             "print_log": print_log,
         }
+        super().__init__(keys, output_ext=".nii.gz", **options)
         self.png = SaveImage(output_ext=".png", **options)
-        self.nifti = SaveImage(output_ext=".nii.gz", **options)
+        self.dicom_seg = dicom_seg
+        self.class_names = None if class_names is None else list(class_names)
+        self.print_log = print_log
+        self.dicom_layout = FolderLayout(output_dir, postfix=output_postfix, extension=".dcm", parent=separate_folder,
+                                         makedirs=True, data_root_dir=data_root_dir)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         for key in self.key_iterator(d):
             # SaveImage drops the singleton slice axis of 2D inputs (squeeze_end_dims)
-            saver = self.png if _source(d[key]).lower().endswith(_PHOTO_SUFFIXES) else self.nifti
+            source = _source(d[key])
+            if self.dicom_seg and _is_dicom(source):
+                # imported here: highdicom needs pydicom 3, which MONAI Label 0.8.5's environment cannot have (it
+                # imports this module to serve the bundle, and drops this saver)
+                from scripts.segmentation.dicom_seg import write_dicom_seg
+
+                path = self.dicom_layout.filename(subject=source)
+                write_dicom_seg(d[key][0].cpu().numpy(), d[key].affine.cpu().numpy(), source, path, self.class_names)
+                if self.print_log:
+                    logger.info("DICOM-SEG of %s saved to %s", source, path)
+                continue
+            saver = self.png if source.lower().endswith(_PHOTO_SUFFIXES) else self.saver
             d[key] = saver(d[key])
         return d
+
+
+def _is_dicom(source: str) -> bool:
+    """A DICOM file, or a folder holding DICOM files (a series)."""
+    path = Path(source)
+    if path.is_dir():
+        return any(detect_format(entry) == "dicom" for entry in path.iterdir() if entry.is_file())
+    return detect_format(path) == "dicom"

@@ -7,7 +7,7 @@ from monai.transforms import Compose, Lambdad, NormalizeIntensityd, Resized
 
 from scripts.transforms.two_view import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["monitor_transform"]
+__all__ = ["monitor_transform", "three_channels"]
 
 
 def monitor_transform(image_size: int, key: str = "image") -> Compose:
@@ -19,11 +19,11 @@ def monitor_transform(image_size: int, key: str = "image") -> Compose:
     """
     return Compose([
         Resized(keys=key, spatial_size=(image_size, image_size), mode="bilinear"),
-        Lambdad(keys=key, func=_three_channels),
+        Lambdad(keys=key, func=three_channels),
         NormalizeIntensityd(keys=key, subtrahend=IMAGENET_MEAN, divisor=IMAGENET_STD, channel_wise=True),
     ])
 
 
-def _three_channels(image: torch.Tensor) -> torch.Tensor:
+def three_channels(image: torch.Tensor) -> torch.Tensor:
     """Grey (1, H, W) repeated to (3, H, W); 3-channel images unchanged."""
     return image.repeat(3, 1, 1) if image.shape[0] == 1 else image

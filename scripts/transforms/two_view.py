@@ -28,11 +28,11 @@ from monai.transforms import (
 )
 from monai.utils import convert_to_tensor, ensure_tuple_rep
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "TwoViewAugmentd"]
+__all__ = ["GREY_WEIGHTS", "IMAGENET_MEAN", "IMAGENET_STD", "TwoViewAugmentd", "check_recipe"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_GREY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
+GREY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
 
 
 class _ViewParams(NamedTuple):
@@ -46,6 +46,46 @@ def _smooth(img: torch.Tensor, sigma: Sequence[float] | float) -> torch.Tensor:
     """MONAI Gaussian smoothing renormalised by the smoothed ones, so the zero padding does not darken borders."""
     gaussian = GaussianSmooth(sigma)
     return gaussian(img) / gaussian(torch.ones_like(img[:1]))
+
+
+def check_recipe(
+    spatial_size: Sequence[int] | int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    probabilities: tuple[float, float, float],
+    strengths: tuple[float, float, float],
+    blur_sigma: tuple[float, float],
+    out_channels: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> tuple[int, int]:
+    """Validates the arguments of the two-view recipe (see :class:`TwoViewAugmentd`), shared by the batched path;
+    ``probabilities`` are (flip, jitter, blur), ``strengths`` (brightness, contrast, saturation). Returns the view
+    size as a pair.
+
+    Raises:
+        ValueError: naming the first bad argument and its value.
+    """
+    size = ensure_tuple_rep(spatial_size, 2)
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"spatial_size must be a positive int or pair, got {spatial_size}.")
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise ValueError(f"scale must satisfy 0 < scale[0] <= scale[1] <= 1, got {scale}.")
+    if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
+        raise ValueError(f"ratio must satisfy 0 < ratio[0] <= ratio[1], got {ratio}.")
+    if len(blur_sigma) != 2 or not 0 < blur_sigma[0] <= blur_sigma[1]:
+        raise ValueError(f"blur_sigma must satisfy 0 < blur_sigma[0] <= blur_sigma[1], got {blur_sigma}.")
+    for name, p in zip(("flip_prob", "jitter_prob", "blur_prob"), probabilities):
+        if not 0 <= p <= 1:
+            raise ValueError(f"{name} must lie in [0, 1], got {p}.")
+    for name, s in zip(("brightness", "contrast", "saturation"), strengths):
+        if s < 0:
+            raise ValueError(f"{name} must be >= 0, got {s}.")
+    if out_channels not in (1, 3):
+        raise ValueError(f"out_channels must be 1 or 3, got {out_channels}.")
+    if len(mean) != out_channels or len(std) != out_channels or min(std) <= 0:
+        raise ValueError(f"mean and std need {out_channels} values (std > 0), got mean={mean}, std={std}.")
+    return size
 
 
 class TwoViewAugmentd(Randomizable, MapTransform):
@@ -130,25 +170,8 @@ class TwoViewAugmentd(Randomizable, MapTransform):
         MapTransform.__init__(self, keys, allow_missing_keys)
         if len(self.keys) != 1:
             raise ValueError(f"TwoViewAugmentd takes exactly one key, got {self.keys}.")
-        self.spatial_size = ensure_tuple_rep(spatial_size, 2)
-        if len(self.spatial_size) != 2 or min(self.spatial_size) < 1:
-            raise ValueError(f"spatial_size must be a positive int or pair, got {spatial_size}.")
-        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
-            raise ValueError(f"scale must satisfy 0 < scale[0] <= scale[1] <= 1, got {scale}.")
-        if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
-            raise ValueError(f"ratio must satisfy 0 < ratio[0] <= ratio[1], got {ratio}.")
-        if len(blur_sigma) != 2 or not 0 < blur_sigma[0] <= blur_sigma[1]:
-            raise ValueError(f"blur_sigma must satisfy 0 < blur_sigma[0] <= blur_sigma[1], got {blur_sigma}.")
-        for name, p in (("flip_prob", flip_prob), ("jitter_prob", jitter_prob), ("blur_prob", blur_prob)):
-            if not 0 <= p <= 1:
-                raise ValueError(f"{name} must lie in [0, 1], got {p}.")
-        for name, s in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation)):
-            if s < 0:
-                raise ValueError(f"{name} must be >= 0, got {s}.")
-        if out_channels not in (1, 3):
-            raise ValueError(f"out_channels must be 1 or 3, got {out_channels}.")
-        if len(mean) != out_channels or len(std) != out_channels or min(std) <= 0:
-            raise ValueError(f"mean and std need {out_channels} values (std > 0), got mean={mean}, std={std}.")
+        self.spatial_size = check_recipe(spatial_size, scale, ratio, (flip_prob, jitter_prob, blur_prob),
+                                         (brightness, contrast, saturation), blur_sigma, out_channels, mean, std)
         names = [*view_keys, *box_keys, *flip_keys]
         if len(names) != 6 or len(set(names)) != 6:
             raise ValueError(f"view_keys, box_keys and flip_keys must be 6 distinct names, got {names}.")
@@ -203,7 +226,7 @@ class TwoViewAugmentd(Randomizable, MapTransform):
         img = ScaleIntensity(minv=None, maxv=None, factor=brightness - 1)(img).clamp(0, 1)
         img = ScaleIntensityFixedMean(factor=contrast - 1, fixed_mean=True)(img).clamp(0, 1)
         if img.shape[0] == 3:
-            grey = torch.einsum("c,chw->hw", img.new_tensor(_GREY_WEIGHTS), img)
+            grey = torch.einsum("c,chw->hw", img.new_tensor(GREY_WEIGHTS), img)
             img = (saturation * img + (1 - saturation) * grey).clamp(0, 1)
         return img
 

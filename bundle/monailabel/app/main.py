@@ -5,19 +5,38 @@
 ``configs/train.json`` (``train#dataset#data``, ``validate#dataset#data``, ``train#trainer#max_epochs``, ...). The
 label names come from ``channel_def`` of the first output in ``configs/metadata.json``.
 
-The bundles live in ``<app>/model/<name>``; this app never reaches the model zoo. Usage (in the MONAI Label
-environment, see ``bundle/monailabel/environment.py``)::
+The bundles live in ``<app>/model/<name>``; this app never reaches the model zoo. Three adaptations to MONAI
+Label 0.8.5's bundle tasks:
 
-    python -m monai.bundle download --name lvm_med --url file:///path/lvm_med_v0.1.0.zip --bundle_dir <app>/model
-    monailabel start_server --app <app> --studies <images> --conf models lvm_med --host 127.0.0.1 --port 8000
+* the model is announced as 3D (``dimension`` 3): the bundle's 2D network segments volumes slice by slice, and
+  viewers offer only 3D models for volumes (``BundleInferTask`` takes the dimension from the input's
+  ``spatial_shape`` in ``metadata.json``, which is the 2D network's);
+* the mask of a 2D image is brought to the image's (H, W) before MONAI Label's ``Restored`` (the bundle's
+  post-processing keeps the singleton slice axis its ``AsVolumed`` added, which ``Restored`` cannot compare with the
+  image's recorded 2D shape);
+* training writes its logs and checkpoints to ``<app>/train_runs/<name>``, outside the served bundle folder
+  (the bundle's own ``runs/`` would grow inside it). Each request starts from ``models/model.pt`` (MONAI Label's
+  ``CheckpointLoader``; the bundle's ``ResumeFromLatest`` stands aside) and writes ``models/model.pt`` back: the
+  best on validation, or the last network when the request has no validation images.
+
+Usage (in the MONAI Label environment, see ``bundle/monailabel/environment.py``)::
+
+    python -m monai.bundle download --name lvm_med --url file:///path/lvm_med_v<version>.zip --bundle_dir <app>/model
+    python -m monailabel.main start_server --app <app> --studies <images> --conf models lvm_med --host 127.0.0.1 --port 8000
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any
 
 import monailabel
+import torch
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.strategy import Strategy
@@ -26,9 +45,68 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 from monailabel.tasks.infer.bundle import BundleInferTask
 from monailabel.tasks.train.bundle import BundleTrainTask
+from monailabel.transform.post import Restored
 from monailabel.utils.others.generic import strtobool
 
 logger = logging.getLogger(__name__)
+
+
+class PlanarMaskd(MapTransform):
+    """Reshapes the mask of a 2D image, (1, H, W, 1) or (1, H, W) after the bundle's post-processing, to the image's
+    (H, W) as recorded by MONAI Label's loader (``spatial_shape``), as 8-bit class indices (MONAI Label writes the
+    mask of a PNG as a PNG, which ITK writes from 8- or 16-bit integers only); masks of volumes pass unchanged.
+
+    Args:
+        keys: the masks.
+        ref_image: the image whose metadata holds ``spatial_shape``.
+    """
+
+    def __init__(self, keys: str | Sequence[str], ref_image: str) -> None:
+        super().__init__(keys)
+        self.ref_image = ref_image
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        image = d.get(self.ref_image)
+        meta = image.meta if isinstance(image, MetaTensor) else d.get(f"{self.ref_image}_meta_dict", {})
+        shape = tuple(int(size) for size in meta.get("spatial_shape", ()))
+        if len(shape) != 2:
+            return d
+        for key in self.key_iterator(d):
+            mask = d[key]
+            if mask.numel() != math.prod(shape):
+                raise ValueError(f"the mask of {key!r} has shape {tuple(mask.shape)}, which does not hold the image's "
+                                 f"{shape}.")
+            if mask.min() < 0 or mask.max() > 255:
+                raise ValueError(f"the mask of {key!r} holds values outside [0, 255]: not class indices.")
+            d[key] = torch.reshape(mask, shape).to(torch.uint8)
+        return d
+
+
+class VolumeSliceInferTask(BundleInferTask):
+    """``BundleInferTask`` announcing a 3D model, whose 2D masks are brought to (H, W) before ``Restored``."""
+
+    def __init__(self, path: str, conf: dict[str, str], **kwargs: Any) -> None:
+        super().__init__(path, conf, **kwargs)
+        self.dimension = 3
+
+    def post_transforms(self, data: Any = None) -> Sequence[Callable]:
+        post = list(super().post_transforms(data))
+        restore = next((index for index, t in enumerate(post) if isinstance(t, Restored)), len(post))
+        post.insert(restore, PlanarMaskd(keys=self.key_pred, ref_image=self.key_image))
+        return post
+
+
+class OutsideBundleTrainTask(BundleTrainTask):
+    """``BundleTrainTask`` whose run folder (``output_dir``: logs, checkpoints) is ``runs_dir``, outside the bundle."""
+
+    def __init__(self, path: str, conf: dict[str, str], runs_dir: str) -> None:
+        super().__init__(path, conf)
+        self.runs_dir = runs_dir
+
+    def _update_overrides(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        overrides["output_dir"] = self.runs_dir
+        return overrides
 
 
 class LVMMedBundleApp(MONAILabelApp):
@@ -59,7 +137,7 @@ class LVMMedBundleApp(MONAILabelApp):
     def init_infers(self) -> dict[str, InferTask]:
         infers: dict[str, InferTask] = {}
         for name, path in self.bundles.items():
-            task = BundleInferTask(path, self.conf, type="segmentation")
+            task = VolumeSliceInferTask(path, self.conf, type="segmentation")
             if not task.is_valid():
                 raise RuntimeError(f"{path} cannot be served: it needs configs/inference.json and models/model.pt")
             logger.info("inference task %s => %s", name, path)
@@ -71,7 +149,7 @@ class LVMMedBundleApp(MONAILabelApp):
             return {}
         trainers: dict[str, TrainTask] = {}
         for name, path in self.bundles.items():
-            task = BundleTrainTask(path, self.conf)
+            task = OutsideBundleTrainTask(path, self.conf, os.path.join(self.app_dir, "train_runs", name))
             if task and task.is_valid():
                 logger.info("training task %s => %s", name, path)
                 trainers[name] = task

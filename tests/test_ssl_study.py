@@ -1,0 +1,128 @@
+"""The SSL benchmark data (scripts/data/ssl_benchmark.py) and the study (benchmarks/ssl_study.py)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from benchmarks.ssl_study import CEILING, QUICK, main, study_rows, weighted_knn_accuracy
+from scripts.classification.datalist import load_split
+from scripts.data.slices import PretrainSliceDataset
+from scripts.data.ssl_benchmark import CLASSES, MODALITIES, BenchmarkSizes, draw_case, prepare_ssl_benchmark
+from scripts.objective.lvmmed_loss import LVMMedLoss
+from scripts.segmentation.datalist import read_split
+
+
+def test_weighted_knn_weights_votes_by_similarity() -> None:
+    # two training images of class 0 very close to the query, three of class 1 further away: a majority vote of
+    # the five picks class 1, the exp(s / 0.1) weighting picks class 0
+    train = torch.tensor([[1.0, 0.0], [1.0, 0.05], [0.6, 0.8], [0.6, -0.8], [0.5, 0.86]])
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    query = torch.tensor([[1.0, 0.01]])
+    assert weighted_knn_accuracy(train, labels, query, torch.tensor([0]), k=5, temperature=0.1) == 1.0
+    assert weighted_knn_accuracy(train, labels, query, torch.tensor([0]), k=5, temperature=100.0) == 0.0
+    assert weighted_knn_accuracy(train, labels, query, torch.tensor([0]), k=50) == 1.0  # k capped at M
+
+
+def test_weighted_knn_rejects_bad_shapes() -> None:
+    with pytest.raises(ValueError, match="features"):
+        weighted_knn_accuracy(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), torch.randn(2, 5), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="one class per feature row"):
+        weighted_knn_accuracy(torch.randn(4, 3), torch.zeros(3, dtype=torch.long), torch.randn(2, 3), torch.zeros(2, dtype=torch.long))
+
+
+def test_lambda_rows_scale_the_objective_default() -> None:
+    default = inspect.signature(LVMMedLoss).parameters["lambda_"].default
+    lambdas = {row.name: row.pretrain_overrides.get("loss#lambda_") for row in study_rows() if row.pretrain_overrides}
+    assert lambdas["lambda = default/10"] == pytest.approx(default / 10)
+    assert lambdas["lambda = default*10"] == pytest.approx(default * 10)
+    ablations = {row.name: row.pretrain_overrides for row in study_rows() if row.group == "ablation"}
+    assert {key for overrides in ablations.values() for key in overrides} == {
+        "loss#second_order", "loss#message_passing", "loss#noise", "loss#local_similarity"}
+
+
+def test_draw_case_is_deterministic_and_labels_the_lesion() -> None:
+    for modality in MODALITIES:
+        for shape_class in CLASSES:
+            image, labels = draw_case(np.random.RandomState(7), modality, shape_class)
+            again, labels_again = draw_case(np.random.RandomState(7), modality, shape_class)
+            assert np.array_equal(image, again) and np.array_equal(labels, labels_again)
+            assert image.shape[:2] == labels.shape == (64, 64) and 0.0 <= image.min() <= image.max() <= 1.0
+            assert set(np.unique(labels)) == {0, 1, 2}
+            assert image.ndim == (3 if modality == "fundus" else 2)
+    with pytest.raises(ValueError, match="modality"):
+        draw_case(np.random.RandomState(0), "pet", "disc")
+    with pytest.raises(ValueError, match="shape_class"):
+        draw_case(np.random.RandomState(0), "ct", "star")
+
+
+def test_shape_classes_differ_in_lesion_geometry() -> None:
+    """The class is the lesion's shape: a ring's lesion has a hole, a disc's is convex-like and filled."""
+    from scipy.ndimage import binary_fill_holes
+
+    ring = draw_case(np.random.RandomState(3), "ct", "ring")[1] == 2
+    disc = draw_case(np.random.RandomState(3), "ct", "disc")[1] == 2
+    assert binary_fill_holes(ring).sum() > 1.3 * ring.sum()
+    assert binary_fill_holes(disc).sum() == disc.sum()
+
+
+def test_benchmark_files(tmp_path: Path) -> None:
+    sizes = BenchmarkSizes(pool_per_modality=2, training_per_group=2, validation_per_group=1, test_per_group=1)
+    paths = prepare_ssl_benchmark(tmp_path, sizes)
+    groups = len(MODALITIES) * len(CLASSES)
+    splits = {split: load_split(paths.classification_datalist, split) for split in ("training", "validation", "test")}
+    assert {split: len(items) for split, items in splits.items()} == {"training": 2 * groups, "validation": groups, "test": groups}
+    files = [{item["image"] for item in items} for items in splits.values()]
+    assert not (files[0] & files[1] or files[0] & files[2] or files[1] & files[2])
+    assert {item["class"] for item in splits["training"]} == set(CLASSES)
+    pool = PretrainSliceDataset(paths.manifest)
+    names = {entry.name for entry in pool.entries}
+    assert {"pydicom-CT_small", "pydicom-MR_small", "nibabel-anatomical", "nibabel-example4d"} <= names
+    assert set(pool.modalities) == set(MODALITIES.values())
+    assert not pool.skipped
+    assert pool[0]["image"].ndim == 3
+    segmentation = read_split(paths.segmentation_dir / "datalist.json", "test", paths.segmentation_dir)
+    assert len(segmentation) == groups
+    mask = np.asarray(Image.open(segmentation[0]["label"]))
+    assert set(np.unique(mask)) == {0, 1, 2}
+    before = {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*.png")}
+    prepare_ssl_benchmark(tmp_path, sizes)
+    assert before == {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*.png")}
+    with pytest.raises(ValueError, match="use another root"):
+        prepare_ssl_benchmark(tmp_path, BenchmarkSizes(pool_per_modality=3))
+
+
+def test_benchmark_sizes_are_checked() -> None:
+    with pytest.raises(ValueError, match="pool_per_modality"):
+        BenchmarkSizes(pool_per_modality=0)
+    with pytest.raises(TypeError, match="sizes"):
+        prepare_ssl_benchmark("unused", sizes=(1, 1, 1, 1))  # type: ignore[arg-type]
+
+
+def test_quick_study_runs_every_row_and_writes_the_report(tmp_path: Path) -> None:
+    output = tmp_path / "ssl_study.md"
+    main(["--quick", "--data-root", str(tmp_path / "data"), "--output", str(output)])
+    text = output.read_text()
+    for row in [*study_rows(), CEILING]:
+        name = row if isinstance(row, str) else row.name
+        assert f"| {name} |" in text
+    assert output.with_suffix(".png").stat().st_size > 1000
+    assert "Goal" in text and "python -m benchmarks.ssl_study --quick" in text
+    runs = json.loads(output.with_suffix(".json").read_text())["runs"]
+    assert len(runs) == len(study_rows()) + 1
+    for name, seeds in runs.items():
+        assert sorted(seeds) == [str(seed) for seed in (QUICK.seeds[:1] if name == CEILING else QUICK.seeds)]
+        for figures in seeds.values():
+            for key, value in figures.items():
+                assert math.isfinite(value), (name, key)
+                if key != "seconds_per_iteration":
+                    assert 0.0 <= value <= 1.0, (name, key, value)
+        if name not in ("random init (no pretraining)", CEILING):
+            assert all(figures["seconds_per_iteration"] > 0 for figures in seeds.values())
