@@ -164,7 +164,9 @@ SCHEMAS: dict[str, dict[str, Spec]] = {
         "log_interval": Integer(1),
         "cache_rate": Number(0, 1),
     },
-    "evaluate": {**_RUN, **_SEGMENTATION, "checkpoint": ExistingPath(optional=False)},
+    # the weights file is required when the run starts (scripts.required_weights names the command that makes it),
+    # not at initialize, so that MONAI's checks and MONAI Label can read a bundle without its weights
+    "evaluate": {**_RUN, **_SEGMENTATION},
     "inference": {**_RUN, **_SEGMENTATION, **_INFERENCE, "separate_folder": Switch(), "dicom_seg": Switch()},
     "train_cls": {
         **_TRAIN,

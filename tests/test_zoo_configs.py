@@ -26,7 +26,7 @@ WEIGHTS_READ_WHEN_BUILT = {
     "inference_prompt_seg.json": ("model_path", "medsam"),
 }
 # the weights each inference config reads, by config id
-WEIGHTS_ID = {"inference.json": "checkpoint", "inference_trt.json": "checkpoint"}
+WEIGHTS_ID = {"inference.json": "checkpoint", "inference_trt.json": "checkpoint", "evaluate.json": "checkpoint"}
 # overlays other than multi_gpu_<base>.json, with the config they extend
 OVERLAYS = {"pretrain_vit.json": "pretrain.json", "inference_trt.json": "inference.json"}
 # building SAM ViT-B at 1024 pixels (and the prompt-segmentation data) takes minutes on CPU
@@ -52,7 +52,7 @@ def _all_configs() -> list:
 
 
 def _inference_configs() -> list:
-    names = sorted(p.name for p in CONFIGS.glob("inference*.json"))
+    names = sorted(p.name for p in CONFIGS.glob("inference*.json")) + ["evaluate.json"]
     return [pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name for name in names]
 
 
@@ -101,7 +101,8 @@ def test_every_config_has_the_properties_of_its_workflow_type(name, single_proce
 def test_inference_configs_without_weights_initialise_then_stop_naming_the_command(name, tmp_path):
     missing = tmp_path / "absent.pt"
     workflow = ConfigWorkflow(
-        config_file=_config_files(name), meta_file=str(CONFIGS / "metadata.json"), workflow_type="infer",
+        config_file=_config_files(name), meta_file=str(CONFIGS / "metadata.json"),
+        workflow_type="eval" if name == "evaluate.json" else "infer",
         bundle_root=str(REPO_ROOT), **{WEIGHTS_ID.get(name, "model_path"): str(missing)},
     )
     workflow.initialize()  # what MONAI's checks and MONAI Label do with a bundle that has no weights yet
