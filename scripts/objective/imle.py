@@ -146,7 +146,8 @@ class _Settings:
         self.margin = margin
         self.num_samples = num_samples
         self.truth = truth
-        self.direction = None if loss_direction is None else _unit_direction(loss_direction)
+        # the known direction of the loss's gradient, largest magnitude 1 per problem
+        self.direction = None if loss_direction is None else _unit_direction(loss_direction)[0]
         self.state = state
 
     def perturbed(self, unary: torch.Tensor, pairwise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,7 +199,7 @@ class _IMLEMatch(torch.autograd.Function):
         size = noisy_unary.shape[0]
         if settings.direction is not None:
             # one solver call for the perturbed and the target problems
-            target_unary = settings.target(noisy_unary, settings.direction[0])
+            target_unary = settings.target(noisy_unary, settings.direction)
             solutions, edges = settings.solve(torch.cat([noisy_unary, target_unary]), noisy_pairwise.repeat(2, 1, 1))
             matching, target_matching = solutions[:size], solutions[size:]
             matched_edges, target_edges = edges[:size], edges[size:]
@@ -219,7 +220,7 @@ class _IMLEMatch(torch.autograd.Function):
         direction, magnitude = _unit_direction(grad_matching)
         # problems without incoming gradient get none back, whatever their target
         fused = settings.direction is not None and bool(
-            (((direction - settings.direction[0]).abs().amax((1, 2)) <= _DIRECTION_TOLERANCE) | (magnitude == 0)).all()
+            (((direction - settings.direction).abs().amax((1, 2)) <= _DIRECTION_TOLERANCE) | (magnitude == 0)).all()
         )
         if not fused:
             # the loss does not depend on the edge matches directly: only the unary target moves
