@@ -1,8 +1,8 @@
 """All benchmarks of issue 7 in one command, with every target marked met / not met.
 
-``python -m benchmarks.run_all [--quick] [--threads N] [--only solver objective step inference data augmentation data_scale]``
+``python -m benchmarks.run_all [--quick] [--threads N] [--only solver objective step inference data augmentation data_scale demo_share]``
 prints the tables of ``benchmarks.solver``, ``benchmarks.objective_profile``, ``benchmarks.step_breakdown``, ``benchmarks.inference``,
-``benchmarks.data_loading``, ``benchmarks.augmentation`` and ``benchmarks.data_scale`` in Markdown, then a summary of the targets. ``--quick`` is a smoke run at tiny
+``benchmarks.data_loading``, ``benchmarks.augmentation``, ``benchmarks.data_scale`` and ``benchmarks.demo_share`` in Markdown, then a summary of the targets. ``--quick`` is a smoke run at tiny
 sizes whose timing targets are "not judged". The full run takes tens of minutes on a 2-core CPU (one
 ResNet-50 step at 224 x 224, batch 32, takes about two minutes there). Exit status 0 whatever the verdicts:
 a benchmark reports, it does not gate.
@@ -15,7 +15,8 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks import augmentation, data_loading, data_scale, inference, objective_profile, solver, step_breakdown
+from benchmarks import (augmentation, data_loading, data_scale, demo_share, inference, objective_profile, solver,
+                        step_breakdown)
 from benchmarks.common import Report, default_device, machine_summary
 
 __all__ = ["BENCHMARKS", "run_all"]
@@ -28,6 +29,7 @@ BENCHMARKS: dict[str, Callable[[bool], Report]] = {
     "data": lambda quick: data_loading.run(quick),
     "augmentation": lambda quick: augmentation.run(quick),
     "data_scale": lambda quick: data_scale.run(quick),
+    "demo_share": lambda quick: demo_share.run(quick),
 }
 
 

@@ -22,7 +22,7 @@ import torch
 
 from benchmarks.common import Report, Table, Target, interleaved_medians, machine_summary
 from scripts.objective.affinity import edge_affinity, global_affinity
-from scripts.objective.graph import knn_edges, pad_edges
+from scripts.objective.graph import incidence_rows, knn_edges, pad_edges
 from scripts.objective.qap import GraphMatchingSolver, QAPBatch, qap_score
 
 __all__ = ["make_problems", "dense_affinity_matrix", "brute_force", "rrwm_hungarian", "run"]
@@ -46,10 +46,11 @@ def make_problems(nodes: int, batch: int, family: str, seed: int, dtype: torch.d
     first = torch.randn(batch, nodes, EMBEDDING_DIM, generator=generator, dtype=dtype)
     noise = torch.randn(batch, nodes, EMBEDDING_DIM, generator=generator, dtype=dtype)
     second = first + noise if family == "views" else noise
-    edges1 = pad_edges(knn_edges(first, NEIGHBOURS))
-    edges2 = pad_edges(knn_edges(second, NEIGHBOURS))
-    unary = global_affinity(first, second)
-    pairwise = edge_affinity(first, edges1, second, edges2)
+    both = torch.cat([first, second])
+    edges = pad_edges(knn_edges(both, NEIGHBOURS))
+    unary = global_affinity(both)
+    pairwise = edge_affinity(both, incidence_rows(edges, nodes, dtype))
+    edges1, edges2 = edges.chunk(2)
     gumbel = torch.distributions.Gumbel(torch.tensor(0.0, dtype=dtype), torch.tensor(NOISE_SCALE, dtype=dtype))
     torch.manual_seed(seed)
     unary = unary + gumbel.sample(unary.shape) - gumbel.mean

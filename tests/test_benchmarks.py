@@ -121,3 +121,18 @@ def test_report_rendering_and_validation() -> None:
         interleaved_medians({"f": lambda: None}, repeats=0)
     medians = interleaved_medians({"f": lambda: None, "g": lambda: None}, repeats=3)
     assert set(medians) == {"f", "g"} and all(value >= 0 for value in medians.values())
+
+
+@pytest.mark.slow  # builds ResNet-50 twice (the demo's workflow as shipped and with NT-Xent): about 30 s on 2 cores
+def test_demo_share_quick() -> None:
+    from benchmarks import demo_share
+    from benchmarks.run_all import BENCHMARKS
+
+    report = demo_share.run(quick=True)
+    text = report.render()
+    for row in ("| LVM-Med", "| NT-Xent", "| objective share", "objective forward", "objective backward",
+                "network forward (2 views)", "optimizer step", "ObjectiveStats", "whole iteration"):
+        assert row in text, row
+    assert [t.met for t in report.targets] == [None]  # quick: not judged
+    assert "not judged" in text and "(target <= 10%)" in text
+    assert "demo_share" in BENCHMARKS  # python -m benchmarks.run_all --only demo_share

@@ -80,6 +80,18 @@ def test_message_passing_computes_normalised_graph_convolution_of_eq1(residual: 
         MessagePassing(5, (7, 3), residual=True)
 
 
+def test_message_passing_equals_torch_geometrics_dense_gcn_layers() -> None:
+    """The shared normalised adjacency gives DenseGCNConv.forward's outputs with the same parameters."""
+    gcn = MessagePassing(5, (7, 5), residual=False)
+    torch.nn.init.normal_(gcn.layers[0].bias)
+    embeddings = torch.randn(3, 6, 5)
+    adjacency = knn_edges(embeddings, k=2)
+    weights = adjacency.float()
+    expected = gcn.layers[1](gcn.layers[0](embeddings, weights).relu(), weights)
+    torch.testing.assert_close(gcn(embeddings, adjacency), expected)
+    assert not adjacency.diagonal(dim1=1, dim2=2).any()  # the input is not changed in place
+
+
 def test_message_passing_keeps_graphs_apart_and_checks_shapes() -> None:
     gcn = MessagePassing(4, (4, 4))
     embeddings = torch.randn(2, 5, 4)

@@ -24,19 +24,19 @@ def two_view_inputs(num_images: int, dim: int = 16, channels: int = 8, size: tup
 
 
 class Recorder:
-    """Wraps imle_match to keep the problems the loss builds."""
+    """Wraps imle_linear_loss to keep the problems the loss builds."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.problems: list[QAPBatch] = []
         self.calls: list[dict] = []
-        original = lvmmed_loss_module.imle_match
+        original = lvmmed_loss_module.imle_linear_loss
 
-        def record(problem, solver, lambda_, noise, noise_scale, margin, num_samples, **kwargs):
+        def record(problem, solver, cost, lambda_, noise, noise_scale, margin, num_samples, **kwargs):
             self.problems.append(problem)
-            self.calls.append({"solver": solver, "lambda_": lambda_, "noise": noise, "margin": margin, **kwargs})
-            return original(problem, solver, lambda_, noise, noise_scale, margin, num_samples, **kwargs)
+            self.calls.append({"solver": solver, "cost": cost, "lambda_": lambda_, "noise": noise, "margin": margin})
+            return original(problem, solver, cost, lambda_, noise, noise_scale, margin, num_samples, **kwargs)
 
-        monkeypatch.setattr(lvmmed_loss_module, "imle_match", record)
+        monkeypatch.setattr(lvmmed_loss_module, "imle_linear_loss", record)
 
 
 def test_every_image_takes_part_in_a_graph(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -44,10 +44,10 @@ def test_every_image_takes_part_in_a_graph(monkeypatch: pytest.MonkeyPatch) -> N
     loss_fn = LVMMedLoss(embedding_dim=16, gcn_features=(16, 16))
     loss = loss_fn(*two_view_inputs(37))
     assert [tuple(p.unary.shape) for p in recorder.problems] == [(1, 13, 13), (2, 12, 12)]
-    # lambda is in affinity units whatever the number of graphs; the Hamming direction is known in the forward
+    # lambda is in affinity units whatever the number of graphs; the Hamming distance is <1 - 2 I, x> + n
     assert [call["lambda_"] for call in recorder.calls] == [loss_fn.lambda_, loss_fn.lambda_]
     for call, size in zip(recorder.calls, (13, 12)):
-        torch.testing.assert_close(call["loss_direction"][0], 1 - 2 * torch.eye(size))
+        torch.testing.assert_close(call["cost"], 1 - 2 * torch.eye(size))
     assert 0.0 <= loss.item() <= 2 * 13
 
 
@@ -96,7 +96,7 @@ def test_ablation_no_local_similarity_uses_the_global_affinity_only(monkeypatch:
     assert not torch.allclose(full, ablated)
     nodes1 = with_local.gcn(inputs[0][None], lvmmed_loss_module.knn_edges(inputs[0][None], 5))
     nodes2 = with_local.gcn(inputs[1][None], lvmmed_loss_module.knn_edges(inputs[1][None], 5))
-    torch.testing.assert_close(ablated, lvmmed_loss_module.global_affinity(nodes1, nodes2))
+    torch.testing.assert_close(ablated, lvmmed_loss_module.global_affinity(torch.cat([nodes1, nodes2])))
 
 
 @pytest.mark.parametrize("noise", ["none", "gumbel"])

@@ -320,7 +320,6 @@ def _batch(**changes: torch.Tensor) -> QAPBatch:
         ({"edges1": torch.zeros(2, 2, 3, dtype=torch.long)}, r"edges1 must be \(B, E, 2\).*\(2, 2, 3\)"),
         ({"edges2": torch.zeros(1, 1, 2, dtype=torch.long)}, r"edges2 must be \(B, E, 2\) with B=2"),
         ({"edges1": torch.zeros(2, 2, 2, dtype=torch.int32)}, "edges1 must be torch.long"),
-        ({"edges2": torch.tensor([[[0, 3]]] * 2)}, r"edges2 must hold node indices in \[0, 3\)"),
         ({"pairwise": torch.zeros(2, 1, 2)}, r"pairwise must be \(B, E1, E2\) = \(2, 2, 1\).*\(2, 1, 2\)"),
         ({"pairwise": torch.zeros(2, 2, 1, dtype=torch.float64)}, "pairwise must be torch.float32"),
     ],
@@ -376,9 +375,8 @@ def test_one_call_is_a_fixed_handful_of_operations_whatever_the_batch() -> None:
     assert counts[0] == counts[1] <= 15
     syncs = {"aten::item", "aten::_local_scalar_dense", "aten::nonzero"}
     assert not syncs & set(_top_level_operator_calls(lambda: solver(large)))
-    # building a batch checks CPU node indices through numpy (on other devices the solver checks its host copy)
-    building = _top_level_operator_calls(lambda: QAPBatch(large.unary, large.edges1, large.edges2, large.pairwise))
-    assert not syncs & set(building) and len(building) <= 8
+    # building a batch checks shapes, dtypes and devices only: no operator call (the solver checks node indices)
+    assert not _top_level_operator_calls(lambda: QAPBatch(large.unary, large.edges1, large.edges2, large.pairwise))
 
 
 def test_unseeded_solvers_are_reproducible_under_torch_and_monai_seeding() -> None:
@@ -419,7 +417,7 @@ def test_half_precision_problems_are_solved_in_float64(dtype: torch.dtype) -> No
 
 
 def test_the_solver_checks_node_indices_on_its_host_copy() -> None:
-    """On CUDA a QAPBatch skips the index check (it would wait for the device); the solver's copy has it."""
+    """A QAPBatch does not check node indices (that would wait for the device); the solver's host copy does."""
     problem = make_problem(np.random.default_rng(8), 6, 2, signed=True)
     object.__setattr__(problem, "edges2", problem.edges2.clone().fill_(6))
     with pytest.raises(ValueError, match=r"edges2 must hold node indices in \[0, 6\)"):

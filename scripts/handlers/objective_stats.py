@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
@@ -30,6 +31,11 @@ class ObjectiveStats:
     An objective without these attributes (a baseline such as SimCLR) reports none of them, and the
     handler publishes nothing. Attach it before ``StatsHandler``/``TensorBoardStatsHandler``.
 
+    A statistic the objective holds as a tensor (``last_match_accuracy``) is summed where it lies, on the
+    training device, and read once per epoch: no device-to-host synchronisation per iteration (on CUDA one
+    would wait for the whole step's kernels before the next batch is prepared). A statistic given as a
+    Python number is added as such (whatever synchronisation producing it took is the objective's).
+
     Args:
         objective: the objective of the trained model.
     """
@@ -37,8 +43,8 @@ class ObjectiveStats:
     def __init__(self, objective: nn.Module) -> None:
         self.objective = objective
         self._names = [name for name, attribute in _STATISTICS.items() if hasattr(objective, attribute)]
-        self._sums = dict.fromkeys(self._names, 0.0)
-        self._counts = dict.fromkeys(self._names, 0)
+        self._sums: dict[str, float | torch.Tensor] = dict.fromkeys(self._names, 0.0)
+        self._counts: dict[str, int | torch.Tensor] = dict.fromkeys(self._names, 0)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
@@ -50,13 +56,24 @@ class ObjectiveStats:
         self._counts = dict.fromkeys(self._names, 0)
 
     def _accumulate(self, engine: Engine) -> None:
+        # a step without a matching (one-image batch) has no figure (NaN): not counted
         for name in self._names:
-            value = float(getattr(self.objective, _STATISTICS[name]))
-            if not math.isnan(value):  # a step without a matching (one-image batch) has no figure
-                self._sums[name] += value
-                self._counts[name] += 1
+            value = getattr(self.objective, _STATISTICS[name])
+            if isinstance(value, torch.Tensor):
+                value = value.detach().float().reshape(())
+                counted = ~torch.isnan(value)
+                self._sums[name] = torch.where(counted, value, 0.0) + self._sums[name]
+                self._counts[name] = counted.long() + self._counts[name]
+            else:
+                value = float(value)
+                if not math.isnan(value):
+                    self._sums[name] += value
+                    self._counts[name] += 1
 
     def _publish(self, engine: Engine) -> None:
-        engine.state.metrics.update(
-            {name: self._sums[name] / self._counts[name] for name in self._names if self._counts[name]}
-        )
+        figures = {}
+        for name in self._names:
+            count = int(self._counts[name])  # the epoch's one read of a device tensor
+            if count:
+                figures[name] = float(self._sums[name]) / count
+        engine.state.metrics.update(figures)

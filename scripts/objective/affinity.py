@@ -1,30 +1,67 @@
 """Vertex and edge affinities between the graphs of two views (LVM-Med Eqs. 2-3, section 3.2.3).
 
 All functions work on G graphs at once: graph g of view 1 holds the first views of n images and
-graph g of view 2 the second views of the same n images, in the same order.
+graph g of view 2 the second views of the same n images, in the same order. The two views travel
+stacked on the leading (graph) axis where they share a shape, view 1's G graphs then view 2's, so that one
+operator call serves both (each call is a kernel launch on CUDA: see ``benchmarks/objective_profile.py``).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-import torch.nn.functional as F
 
 from scripts.objective.geometry import inside_box, nearest_location
 
-__all__ = ["global_affinity", "local_affinity", "edge_affinity"]
+__all__ = ["unit_vectors", "global_affinity", "local_affinity", "edge_affinity"]
+
+_NORM_EPS = 1e-12  # F.normalize's: a zero vector stays zero
 
 
-def global_affinity(nodes1: torch.Tensor, nodes2: torch.Tensor) -> torch.Tensor:
+class _UnitVectors(torch.autograd.Function):
+    """x / max(|x|, eps) along one axis, and |x|, with a hand-written backward.
+
+    Written by hand because F.normalize's autograd takes 18 operator calls per use (forward and
+    backward), this 9: the objective normalises embeddings, edge vectors and feature-map cells every step.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, vectors: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        norm, inverse = _norm_and_inverse(vectors, dim)
+        unit = vectors * inverse
+        ctx.save_for_backward(unit, inverse)
+        ctx.dim = dim
+        ctx.mark_non_differentiable(norm)
+        ctx.set_materialize_grads(False)
+        return unit, norm
+
+    @staticmethod
+    def backward(ctx: Any, grad_unit: torch.Tensor | None, _: torch.Tensor | None) -> tuple[torch.Tensor | None, None]:
+        if grad_unit is None:
+            return None, None
+        unit, inverse = ctx.saved_tensors
+        return _unit_backward(grad_unit, unit, inverse, ctx.dim), None
+
+
+def unit_vectors(vectors: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised vectors along ``dim`` (as ``F.normalize``) and their norms (keepdim, no gradient)."""
+    return _UnitVectors.apply(vectors, dim)
+
+
+def global_affinity(nodes: torch.Tensor) -> torch.Tensor:
     """Cosine similarity between every vertex of graph 1 and every vertex of graph 2.
 
     Args:
-        nodes1: (G, n, F) vertex embeddings of view 1 (after message passing).
-        nodes2: (G, n, F) vertex embeddings of view 2.
+        nodes: (2G, n, F) vertex embeddings (after message passing): view 1's G graphs, then view 2's.
 
     Returns:
         (G, n, n) affinities in [-1, 1].
     """
-    return F.normalize(nodes1, dim=-1) @ F.normalize(nodes2, dim=-1).transpose(1, 2)
+    if nodes.ndim != 3 or nodes.shape[0] % 2:
+        raise ValueError(f"nodes must have shape (2G, n, F), got {tuple(nodes.shape)}.")
+    unit1, unit2 = unit_vectors(nodes)[0].chunk(2)
+    return torch.bmm(unit1, unit2.transpose(1, 2))
 
 
 def local_affinity(
@@ -46,8 +83,9 @@ def local_affinity(
     cell to count is 0.
 
     Args:
-        features1: (G, n, P, D) feature vectors of the P = R x S cells of view-1 feature maps.
-        features2: (G, n, Q, D) same for view 2.
+        features1: (G, n, D, P) feature vectors (channels first, as feature maps are) of the P = R x S
+            cells of view-1 feature maps.
+        features2: (G, n, D, Q) same for view 2.
         grid1: (G, n, P, 2) cell centres of view 1 in its original image (see ``crop_grid``).
         grid2: (G, n, Q, 2) same for view 2.
         box2: (G, n, 4) crop boxes (y0, x0, y1, x1) of the view-2 feature maps in their original images
@@ -55,60 +93,105 @@ def local_affinity(
         num_matches: gamma, the number of best cells kept per term (None or >= P: all).
 
     Returns:
-        (G, n, n) affinities in [-1, 1].
+        (G, n, n) affinities in [-1, 1], differentiable with respect to the features.
     """
     if num_matches is not None and num_matches < 1:
         raise ValueError(f"num_matches must be positive or None, got {num_matches}.")
-    # one product gives both the cosines and the L2 distances used to pick feature neighbours
-    dots = torch.einsum("gipd,gaqd->giapq", features1, features2)
-    norms1 = features1.norm(dim=-1)  # (G, n, P)
-    norms2 = features2.norm(dim=-1)  # (G, n, Q)
-    outer = norms1[:, :, None, :, None] * norms2[:, None, :, None, :]
-    cosines = dots / outer.clamp_min(1e-8)
-    with torch.no_grad():
-        squared_distance = norms1[:, :, None, :, None] ** 2 + norms2[:, None, :, None, :] ** 2 - 2 * dots
-        by_feature = squared_distance.argmin(dim=-1)  # (G, n, n, P)
-        by_location = nearest_location(grid1, grid2)
-        inside = None if box2 is None else inside_box(grid1, box2)  # (G, n, n, P)
-    location_cost = _mean_of_best(cosines.gather(-1, by_location[..., None]).squeeze(-1), inside, num_matches)
-    feature_cost = _mean_of_best(cosines.gather(-1, by_feature[..., None]).squeeze(-1), None, num_matches)
-    return 0.5 * (location_cost + feature_cost)
+    if features1.ndim != 4 or features2.shape[:3] != features1.shape[:3]:
+        raise ValueError(
+            f"features must be (G, n, D, P) and (G, n, D, Q), got {tuple(features1.shape)} and {tuple(features2.shape)}."
+        )
+    return _LocalAffinity.apply(features1, features2, grid1, grid2, box2, num_matches)
 
 
-def _mean_of_best(values: torch.Tensor, valid: torch.Tensor | None, count: int | None) -> torch.Tensor:
-    """Mean of the ``count`` largest valid entries along the last axis (all when None); 0 where none is valid."""
-    cells = values.shape[-1]
-    if valid is None and (count is None or count >= cells):
-        return values.mean(-1)
-    if valid is not None:
-        values = values.masked_fill(~valid, -torch.inf)
-    if count is not None and count < cells:
-        values = values.topk(count, dim=-1).values
-    kept = torch.isfinite(values)
-    return torch.where(kept, values, 0.0).sum(-1) / kept.sum(-1).clamp_min(1)
+class _LocalAffinity(torch.autograd.Function):
+    """``local_affinity`` with a hand-written backward.
+
+    Written by hand because autograd replays the forward's selections (gathers, masks, top-k, means) and the
+    cosines' normalisation and product as about 40 operator calls (kernel launches on CUDA); the gradient of
+    a mean of selected cosines is one scatter into the cosine tensor, two products and the normalisation's
+    backward: about 20. ``tests/test_affinity.py`` checks it against autograd.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        features1: torch.Tensor,
+        features2: torch.Tensor,
+        grid1: torch.Tensor,
+        grid2: torch.Tensor,
+        box2: torch.Tensor | None,
+        num_matches: int | None,
+    ) -> torch.Tensor:
+        num_graphs, num_nodes, _, cells = features1.shape
+        norm1, inverse1 = _norm_and_inverse(features1, dim=2)  # (G, n, 1, P)
+        norm2, inverse2 = _norm_and_inverse(features2, dim=2)
+        unit1, unit2 = features1 * inverse1, features2 * inverse2
+        cosines = torch.einsum("gidp,gadq->giapq", unit1, unit2)  # (G, n, n, P, Q)
+        # the L2-closest cell q of p: argmin |f_q|^2 - 2 <f_p, f_q> = argmax |f_q| (2 |f_p| cos_pq - |f_q|)
+        norm1, norm2 = norm1.unsqueeze(-1), norm2.view(num_graphs, 1, num_nodes, 1, -1)
+        by_feature = (cosines * norm1).mul_(2).sub_(norm2).mul_(norm2).argmax(-1)  # (G, n, n, P)
+        closest = torch.stack([nearest_location(grid1, grid2), by_feature], dim=-1)  # (G, n, n, P, 2)
+        terms = cosines.gather(-1, closest)  # (G, n, n, P, 2): location, feature
+        if box2 is not None:
+            outside = inside_box(grid1, box2).logical_not_()
+            terms.masked_fill_(torch.stack([outside, torch.zeros_like(outside)], -1), -torch.inf)
+        terms = terms.transpose(-1, -2)  # (G, n, n, 2, P)
+        best = None
+        if num_matches is not None and num_matches < cells:
+            terms, best = terms.topk(num_matches, dim=-1)
+        kept = terms.isfinite()
+        # each term's weight in the result: 1/2 per term, over the cells it counts
+        weight = kept.sum(-1, keepdim=True).clamp_min(1).reciprocal().mul_(0.5)  # (G, n, n, 2, 1)
+        ctx.save_for_backward(unit1, unit2, inverse1, inverse2, closest, kept, weight, best)
+        ctx.cell_counts = (cells, features2.shape[-1])
+        return (terms.where(kept, 0.0) * weight).sum((-1, -2))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None, None, None]:
+        unit1, unit2, inverse1, inverse2, closest, kept, weight, best = ctx.saved_tensors
+        cells1, cells2 = ctx.cell_counts
+        grad_terms = (grad[..., None, None] * weight) * kept  # (G, n, n, 2, P or gamma)
+        if best is not None:
+            grad_terms = grad_terms.new_zeros((*grad_terms.shape[:-1], cells1)).scatter_(-1, best, grad_terms)
+        grad_cosines = grad_terms.new_zeros((*closest.shape[:-1], cells2)).scatter_add_(
+            -1, closest, grad_terms.transpose(-1, -2))  # (G, n, n, P, Q)
+        grad_unit1 = torch.einsum("giapq,gadq->gidp", grad_cosines, unit2)
+        grad_unit2 = torch.einsum("giapq,gidp->gadq", grad_cosines, unit1)
+        return (_unit_backward(grad_unit1, unit1, inverse1, 2), _unit_backward(grad_unit2, unit2, inverse2, 2),
+                None, None, None, None)
 
 
-def edge_affinity(nodes1: torch.Tensor, edges1: torch.Tensor, nodes2: torch.Tensor, edges2: torch.Tensor) -> torch.Tensor:
+def _norm_and_inverse(vectors: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """|x| and 1 / max(|x|, eps) along ``dim`` (keepdim), as F.normalize divides."""
+    norm = torch.linalg.vector_norm(vectors, dim=dim, keepdim=True)
+    return norm, norm.clamp_min(_NORM_EPS).reciprocal_()
+
+
+def _unit_backward(grad_unit: torch.Tensor, unit: torch.Tensor, inverse: torch.Tensor, dim: int) -> torch.Tensor:
+    """Gradient of x -> x / |x| given the gradient of the unit vectors: (g - u <g, u>) / |x|."""
+    return (grad_unit - unit * (grad_unit * unit).sum(dim, keepdim=True)) * inverse
+
+
+def edge_affinity(nodes: torch.Tensor, incidence: torch.Tensor) -> torch.Tensor:
     """Second-order affinity: cosine similarity of the edge vectors ``h_j - h_i`` of the two graphs.
 
-    Padding edges (0, 0) have a zero vector and thus zero affinity with every edge.
+    Padding edges have a zero incidence row, thus a zero vector and zero affinity with every edge.
 
     Args:
-        nodes1: (G, n, F) vertex embeddings of view 1.
-        edges1: (G, E1, 2) directed edges (i, j) of graph 1.
-        nodes2: (G, n, F) vertex embeddings of view 2.
-        edges2: (G, E2, 2) directed edges (a, b) of graph 2.
+        nodes: (2G, n, F) vertex embeddings: view 1's G graphs, then view 2's.
+        incidence: (2G, E, n) incidence rows of the graphs' edges, +1 at an edge's target and -1 at its source
+            (``graph.incidence_rows``).
 
     Returns:
-        (G, E1, E2) affinities in [-1, 1].
+        (G, E, E) affinities in [-1, 1]: entry (e, f) compares edge e of graph 1 with edge f of graph 2.
     """
-    vectors1 = _edge_vectors(nodes1, edges1)
-    vectors2 = _edge_vectors(nodes2, edges2)
-    return F.normalize(vectors1, dim=-1) @ F.normalize(vectors2, dim=-1).transpose(1, 2)
-
-
-def _edge_vectors(nodes: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
-    """(G, E, F) difference between target and source embeddings of every edge."""
-    target = nodes.gather(1, edges[..., 1:2].expand(-1, -1, nodes.shape[-1]))
-    source = nodes.gather(1, edges[..., 0:1].expand(-1, -1, nodes.shape[-1]))
-    return target - source
+    if nodes.ndim != 3 or nodes.shape[0] % 2:
+        raise ValueError(f"nodes must have shape (2G, n, F), got {tuple(nodes.shape)}.")
+    if incidence.ndim != 3 or incidence.shape[0] != nodes.shape[0] or incidence.shape[2] != nodes.shape[1]:
+        raise ValueError(
+            f"incidence must have shape ({nodes.shape[0]}, E, {nodes.shape[1]}), got {tuple(incidence.shape)}."
+        )
+    # every edge vector in one product
+    unit1, unit2 = unit_vectors(torch.bmm(incidence, nodes))[0].chunk(2)
+    return torch.bmm(unit1, unit2.transpose(1, 2))

@@ -68,11 +68,10 @@ def grid_box(grid: torch.Tensor) -> torch.Tensor:
     """
     if grid.ndim != 4 or grid.shape[-1] != 2:
         raise ValueError(f"grid must have shape (N, R, S, 2), got {tuple(grid.shape)}.")
-    points = grid.flatten(1, 2)  # (N, R*S, 2)
-    low, high = points.amin(1), points.amax(1)  # (N, 2)
+    low, high = torch.aminmax(grid.flatten(1, 2), dim=1)  # (N, 2) each
     # half a cell per axis, from the spread of the centres over (cells - 1) gaps
     half = [0.5 / (cells - 1) if cells > 1 else 0.0 for cells in grid.shape[1:3]]
-    widen = (high - low) * grid.new_tensor(half)
+    widen = (high - low) * (half[0] if half[0] == half[1] else grid.new_tensor(half))
     return torch.cat([low - widen, high + widen], dim=1)
 
 
@@ -86,8 +85,8 @@ def inside_box(grid1: torch.Tensor, box2: torch.Tensor) -> torch.Tensor:
     Returns:
         bool tensor (G, n, n, P).
     """
-    point = grid1[:, :, None]  # (G, n, 1, P, 2)
-    low, high = box2[:, None, :, None, :2], box2[:, None, :, None, 2:]  # (G, 1, n, 1, 2)
+    low, high = box2.unsqueeze(1).unsqueeze(-2).split(2, dim=-1)  # (G, 1, n, 1, 2) each
+    point = grid1.unsqueeze(2)  # (G, n, 1, P, 2)
     return ((point >= low) & (point <= high)).all(-1)
 
 
@@ -101,6 +100,4 @@ def nearest_location(grid1: torch.Tensor, grid2: torch.Tensor) -> torch.Tensor:
     Returns:
         long tensor of shape (..., N, M, P): index into the Q cells of view a.
     """
-    first = grid1[..., :, None, :, :].expand(*grid1.shape[:-2], grid2.shape[-3], *grid1.shape[-2:])
-    second = grid2[..., None, :, :, :].expand(*grid2.shape[:-3], grid1.shape[-3], *grid2.shape[-3:])
-    return torch.cdist(first.flatten(0, -3), second.flatten(0, -3)).argmin(dim=-1).view(first.shape[:-1])
+    return torch.cdist(grid1.unsqueeze(-3), grid2.unsqueeze(-4)).argmin(dim=-1)

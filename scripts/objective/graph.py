@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch_geometric.nn import DenseGCNConv
 
-__all__ = ["graph_sizes", "knn_edges", "pad_edges", "MessagePassing"]
+__all__ = ["graph_sizes", "knn_edges", "pad_edges", "incidence_rows", "MessagePassing"]
 
 
 def graph_sizes(num_nodes: int, graph_size: int) -> list[int]:
@@ -37,10 +37,10 @@ def graph_sizes(num_nodes: int, graph_size: int) -> list[int]:
 def knn_edges(embeddings: torch.Tensor, k: int) -> torch.Tensor:
     """Symmetric k-nearest-neighbour edges of each graph in a batch of equal-size graphs.
 
-    Neighbours are ranked by cosine similarity of the embeddings (Euclidean distance of the
+    Neighbours are ranked by cosine similarity of the embeddings (equivalently, Euclidean distance of the
     L2-normalised vectors). Every vertex is linked to its ``min(k, n - 1)`` nearest other vertices and
     the graph is made undirected, so each edge appears in both directions. Built with
-    ``torch.cdist`` + ``topk`` because torch-geometric's ``knn_graph`` needs pyg-lib, which is not on PyPI.
+    a similarity product + ``topk`` because torch-geometric's ``knn_graph`` needs pyg-lib, which is not on PyPI.
 
     Args:
         embeddings: (G, n, F) embeddings of G graphs of n vertices each.
@@ -58,11 +58,11 @@ def knn_edges(embeddings: torch.Tensor, k: int) -> torch.Tensor:
     adjacency = torch.zeros(embeddings.shape[:2] + (num_nodes,), dtype=torch.bool, device=embeddings.device)
     if k == 0:
         return adjacency
-    unit = nn.functional.normalize(embeddings.detach(), dim=-1)
-    distances = torch.cdist(unit, unit)
-    distances.diagonal(dim1=1, dim2=2).fill_(float("inf"))
-    neighbours = distances.topk(k, dim=-1, largest=False).indices
-    adjacency.scatter_(2, neighbours, True)
+    with torch.no_grad():
+        unit = nn.functional.normalize(embeddings, dim=-1)
+        similarity = unit @ unit.transpose(1, 2)
+        similarity.diagonal(dim1=1, dim2=2).fill_(-torch.inf)
+        adjacency.scatter_(2, similarity.topk(k, dim=-1).indices, True)
     return adjacency | adjacency.transpose(1, 2)
 
 
@@ -86,21 +86,29 @@ def pad_edges(adjacency: torch.Tensor, width: int | None = None) -> torch.Tensor
     if width < 0:
         raise ValueError(f"width must be non-negative, got {width}.")
     num_nodes = adjacency.shape[-1]
-    flat = adjacency.flatten(1).to(torch.uint8)
+    flat = adjacency.flatten(1).to(torch.uint8)  # uint8: CUDA sorts have not always accepted bool
     width = min(width, flat.shape[1])
-    # a stable descending sort lists the edges first, in row-major order, then the non-edges
+    # a stable descending sort lists the edges first, in row-major order, then the non-edges (position 0: (0, 0))
     present, position = flat.sort(dim=1, descending=True, stable=True)
-    present, position = present[:, :width].bool(), position[:, :width]
-    edges = torch.stack([position // num_nodes, position % num_nodes], dim=-1)
-    return torch.where(present[..., None], edges, 0)
+    position = position[:, :width] * present[:, :width]
+    return torch.stack([position // num_nodes, position % num_nodes], dim=-1)
+
+
+def incidence_rows(edges: torch.Tensor, num_nodes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Incidence matrices of padded edge lists: (G, E, 2) long -> (G, E, n), row e +1 at edge e's target and -1 at
+    its source, so that ``incidence @ nodes`` gives every edge vector ``h_j - h_i``. Padding rows (0, 0) get
+    +1 - 1 = 0 at vertex 0: a zero row."""
+    incidence = edges.new_zeros((*edges.shape[:-1], num_nodes), dtype=dtype)
+    return incidence.scatter_(-1, edges[..., 1:], 1.0).scatter_(-1, edges[..., :1], -1.0, reduce="add")
 
 
 class MessagePassing(nn.Module):
     """Graph convolutional network shared by the two views' graphs (LVM-Med Eq. 1).
 
-    Each layer computes ``D^-1/2 (A + I) D^-1/2 H W`` (torch-geometric's ``DenseGCNConv``, the dense
-    batched form of ``GCNConv`` with the same parameters: graphs of ~16 vertices, where the sparse form's
-    edge-index handling costs device-to-host synchronisations and many small launches); a ReLU
+    Each layer computes ``D^-1/2 (A + I) D^-1/2 H W + b`` with the parameters of torch-geometric's
+    ``DenseGCNConv`` (the dense batched form of ``GCNConv``: graphs of ~16 vertices, where the sparse form's
+    edge-index handling costs device-to-host synchronisations and many small launches); the normalised
+    adjacency is built once and shared by the layers, the same outputs as ``DenseGCNConv.forward``; a ReLU
     follows every layer but the last, so the output embeddings are not confined to the
     non-negative orthant before cosine similarities are taken.
 
@@ -149,9 +157,20 @@ class MessagePassing(nn.Module):
                 f"MessagePassing expects embeddings (G, n, F) and adjacency (G, n, n), "
                 f"got {tuple(embeddings.shape)} and {tuple(adjacency.shape)}."
             )
-        x, weights = embeddings, adjacency.to(embeddings.dtype)
+        propagation = _gcn_propagation(adjacency, embeddings.dtype)
+        x = embeddings
         for index, layer in enumerate(self.layers):
-            x = layer(x, weights)
+            x = torch.baddbmm(layer.bias, propagation, layer.lin(x))
             if index < len(self.layers) - 1:
                 x = self.activation(x)
         return embeddings + x if self.residual else x
+
+
+def _gcn_propagation(adjacency: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(G, n, n) ``D^-1/2 (A + I) D^-1/2`` of bool adjacency matrices without self-loops, as ``DenseGCNConv``
+    builds it (self-loop weight 1). Built once for all layers: ``DenseGCNConv.forward`` rebuilds it in every
+    layer (13 operator calls per layer instead of 2)."""
+    with_loops = adjacency.to(dtype, copy=True)
+    with_loops.diagonal(dim1=1, dim2=2).fill_(1.0)
+    scale = with_loops.sum(-1, keepdim=True).rsqrt_()  # (G, n, 1); degree >= 1 with the self-loop
+    return with_loops.mul_(scale).mul_(scale.transpose(1, 2))

@@ -19,10 +19,11 @@ must beat the true matching by that margin. For the second-order part of theta (
 solution is the edge-match indicator Y[e, f] = x[i_e, a_f] * x[j_e, b_f], and the same difference is
 taken on Y.
 
-When the loss's gradient direction is known in the forward (the Hamming loss: ``1 - 2 * truth``), the
-target problems are solved in the same solver call as the perturbed ones, and the backward only scales
-the stored difference; it falls back to a second solve when the incoming gradient is not along that
-direction.
+``imle_match`` serves any loss of the matching: the target is solved in the backward, once g is known.
+``imle_linear_loss`` serves losses linear in the matching, <cost, x> (the Hamming distance is one, with cost
+``1 - 2 * truth``): g's direction is the cost's, known in the forward, so the target problems are solved in
+the same solver call as the perturbed ones and the backward only scales the stored difference (a second
+solve only for problems whose incoming gradient is negative, i.e. a loss being maximised).
 """
 
 from __future__ import annotations
@@ -32,31 +33,28 @@ from typing import Any, Literal
 
 import torch
 
-from scripts.objective.qap import QAPBatch, edge_matches
+from scripts.objective.qap import QAPBatch, edge_pair_matches, edge_selection
 
-__all__ = ["Solver", "imle_match", "IMLEState"]
+__all__ = ["Solver", "imle_match", "imle_linear_loss", "IMLEState"]
 
 Solver = Callable[[QAPBatch], torch.Tensor]
 """Maps a QAPBatch to (B, n, n) permutation matrices maximising its score."""
 
-# an incoming gradient counts as along the known direction when it differs by less than this share of its size
-_DIRECTION_TOLERANCE = 1e-5
 _EULER_GAMMA = 0.5772156649015329  # mean of the standard Gumbel distribution
 
 
 class IMLEState:
-    """What the last forward and backward of ``imle_match`` saw, for statistics; tensors, no host sync.
+    """What the last forward and backward of an IMLE call saw, for statistics; tensors, no host sync.
 
     Attributes:
         matching: (S*B, n, n) perturbed solutions x of the last forward.
-        target_matching: (S*B, n, n) target solutions x' (None until known: forward when fused, else backward).
-        fused: whether the backward used the target solved in the forward.
+        target_matching: (S*B, n, n) target solutions x' (None until known: in the forward for
+            ``imle_linear_loss``, in the backward for ``imle_match``).
     """
 
     def __init__(self) -> None:
         self.matching: torch.Tensor | None = None
         self.target_matching: torch.Tensor | None = None
-        self.fused = False
 
 
 def imle_match(
@@ -68,10 +66,9 @@ def imle_match(
     margin: float = 1.0,
     num_samples: int = 1,
     truth: torch.Tensor | None = None,
-    loss_direction: torch.Tensor | None = None,
     state: IMLEState | None = None,
 ) -> torch.Tensor:
-    """Solves a batch of graph-matching problems with IMLE gradients for its affinities.
+    """Solves a batch of graph-matching problems with IMLE gradients for its affinities, for any loss.
 
     Args:
         problem: B problems whose ``unary`` (B, n, n) and ``pairwise`` (B, E1, E2) affinities may
@@ -85,44 +82,66 @@ def imle_match(
         margin: the constant margin of ``noise="none"`` (>= 0).
         num_samples: perturbations averaged, in the forward solution and in the gradient.
         truth: (B, n, n) true matchings (for the margin); None is the identity (view i <-> view i).
-        loss_direction: (B, n, n) gradient of the downstream loss with respect to the matching, up to a
-            positive factor per problem (the Hamming loss's ``1 - 2 * truth``); when given, the target
-            problems are solved in the forward, in the same solver call.
         state: receives the solutions for statistics.
 
     Returns:
         (B, n, n) matchings averaged over the samples (permutation matrices when num_samples is 1);
-        differentiable with respect to ``problem.unary`` and ``problem.pairwise``.
+        differentiable with respect to ``problem.unary`` and ``problem.pairwise``. The backward solves the
+        target problems (a second solver call); a loss linear in the matching is cheaper with
+        ``imle_linear_loss``.
 
     Example::
 
-        matching = imle_match(problem, GraphMatchingSolver(), lambda_=0.1, loss_direction=1 - 2 * eye)
+        matching = imle_match(problem, GraphMatchingSolver(), lambda_=0.1)
         loss = hamming_distance(matching).mean()
         loss.backward()  # fills unary.grad and pairwise.grad
     """
-    if isinstance(lambda_, bool) or not isinstance(lambda_, (int, float)) or lambda_ <= 0:
-        raise ValueError(f"lambda_ must be a positive number, got {lambda_!r}.")
-    if noise not in ("gumbel", "none"):
-        raise ValueError(f"noise must be 'gumbel' or 'none', got {noise!r}.")
-    if noise_scale <= 0:
-        raise ValueError(f"noise_scale must be positive, got {noise_scale}.")
-    if margin < 0:
-        raise ValueError(f"margin must be non-negative, got {margin}.")
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be at least 1, got {num_samples}.")
-    shape = tuple(problem.unary.shape)
-    for name, value in (("truth", truth), ("loss_direction", loss_direction)):
-        if value is not None and tuple(value.shape) != shape:
-            raise ValueError(f"{name} must have the unary's shape {shape}, got {tuple(value.shape)}.")
-    if truth is None:
-        truth = torch.eye(shape[1], dtype=problem.unary.dtype, device=problem.unary.device).expand(shape)
-    settings = _Settings(problem, solver, float(lambda_), noise, noise_scale, margin, num_samples, truth,
-                         loss_direction, state if state is not None else IMLEState())
+    settings = _Settings(problem, solver, lambda_, noise, noise_scale, margin, num_samples, truth, state)
     return _IMLEMatch.apply(problem.unary, problem.pairwise, settings)
 
 
+def imle_linear_loss(
+    problem: QAPBatch,
+    solver: Solver,
+    cost: torch.Tensor,
+    lambda_: float,
+    noise: Literal["gumbel", "none"] = "gumbel",
+    noise_scale: float = 1.0,
+    margin: float = 1.0,
+    num_samples: int = 1,
+    truth: torch.Tensor | None = None,
+    state: IMLEState | None = None,
+) -> torch.Tensor:
+    """Loss <cost, x> of IMLE matchings x, with the target problems solved in the forward's solver call.
+
+    The loss's gradient with respect to x is ``cost``: its direction is known before the backward, so one
+    solver call solves the perturbed problems x = MAP(theta + eps) and the targets
+    x' = MAP(theta + eps - lambda_ * cost / |cost|) together; the backward scales x - x' (and the edge
+    matches' difference) by the incoming gradient. Arguments as ``imle_match``'s, and
+
+    Args:
+        cost: (n, n) shared by the problems, or (B, n, n): the loss's coefficients, e.g. the Hamming distance's
+            ``1 - 2 * truth`` (its value is then the distance minus n).
+
+    Returns:
+        (B,) loss values <cost, mean over samples of x>; differentiable with respect to ``problem.unary`` and
+        ``problem.pairwise``.
+
+    Example::
+
+        eye = torch.eye(n)
+        hamming = imle_linear_loss(problem, GraphMatchingSolver(), 1 - 2 * eye, lambda_=3.0) + n
+        hamming.mean().backward()  # one solver call in all
+    """
+    shape = tuple(problem.unary.shape)
+    if cost.shape not in (shape, shape[1:]):
+        raise ValueError(f"cost must have shape {shape[1:]} or {shape} like the unary, got {tuple(cost.shape)}.")
+    settings = _Settings(problem, solver, lambda_, noise, noise_scale, margin, num_samples, truth, state)
+    return _IMLELinearLoss.apply(problem.unary, problem.pairwise, cost.expand(shape), settings)
+
+
 class _Settings:
-    """Non-tensor arguments of the autograd function, carried as one object."""
+    """Checked non-tensor arguments of the autograd functions and their shared steps."""
 
     def __init__(
         self,
@@ -133,101 +152,141 @@ class _Settings:
         noise_scale: float,
         margin: float,
         num_samples: int,
-        truth: torch.Tensor,
-        loss_direction: torch.Tensor | None,
-        state: IMLEState,
+        truth: torch.Tensor | None,
+        state: IMLEState | None,
     ) -> None:
+        if isinstance(lambda_, bool) or not isinstance(lambda_, (int, float)) or lambda_ <= 0:
+            raise ValueError(f"lambda_ must be a positive number, got {lambda_!r}.")
+        if noise not in ("gumbel", "none"):
+            raise ValueError(f"noise must be 'gumbel' or 'none', got {noise!r}.")
+        if noise_scale <= 0:
+            raise ValueError(f"noise_scale must be positive, got {noise_scale}.")
+        if margin < 0:
+            raise ValueError(f"margin must be non-negative, got {margin}.")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be at least 1, got {num_samples}.")
+        unary = problem.unary
+        if truth is not None and truth.shape != unary.shape:
+            raise ValueError(f"truth must have the unary's shape {tuple(unary.shape)}, got {tuple(truth.shape)}.")
         self.edges1 = problem.edges1
         self.edges2 = problem.edges2
+        num_nodes = unary.shape[1]
+        if problem.edges1.shape == problem.edges2.shape:  # both graphs' in one batch: fewer operator calls
+            both = edge_selection(torch.stack([problem.edges1, problem.edges2]), num_nodes, unary.dtype)
+            self.selection1, self.selection2 = both.unbind(0)
+        else:
+            self.selection1 = edge_selection(problem.edges1, num_nodes, unary.dtype)
+            self.selection2 = edge_selection(problem.edges2, num_nodes, unary.dtype)
         self.solver = solver
-        self.lambda_ = lambda_
+        self.lambda_ = float(lambda_)
         self.noise = noise
         self.noise_scale = noise_scale
         self.margin = margin
         self.num_samples = num_samples
         self.truth = truth
-        # the known direction of the loss's gradient, largest magnitude 1 per problem
-        self.direction = None if loss_direction is None else _unit_direction(loss_direction)[0]
-        self.state = state
+        self.state = state if state is not None else IMLEState()
 
-    def perturbed(self, unary: torch.Tensor, pairwise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The S stacked perturbed copies of the affinities: (S*B, n, n) and (S*B, E1, E2)."""
-        unary = unary.repeat(self.num_samples, 1, 1)
-        pairwise = pairwise.repeat(self.num_samples, 1, 1)
-        if self.noise == "none":
-            return unary - self.margin * self.truth.repeat(self.num_samples, 1, 1), pairwise
-        return unary + self._gumbel(unary), pairwise + self._gumbel(pairwise)
-
-    def _gumbel(self, like: torch.Tensor) -> torch.Tensor:
-        """Mean-zero Gumbel(0, noise_scale) noise of ``like``'s shape, by inverse transform sampling from torch's
-        generator (``torch.distributions.Gumbel`` validates its parameters with a device-to-host sync). Mean-zero:
-        a positive mean on edge affinities would favour matchings that keep more edges."""
-        uniform = torch.rand_like(like).clamp_(torch.finfo(like.dtype).tiny, 1.0 - torch.finfo(like.dtype).eps)
-        return uniform.log_().neg_().log_().neg_().sub_(_EULER_GAMMA).mul_(self.noise_scale)
-
-    def target(self, noisy_unary: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
-        """(S*B, n, n) target unary: moved by lambda against a (B, n, n) direction of largest magnitude 1."""
-        return noisy_unary - self.lambda_ * direction.repeat(self.num_samples, 1, 1)
-
-    def solve(self, unary: torch.Tensor, pairwise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Solutions x (K, n, n) and their edge matches Y (K, E1, E2) of K = copies * B stacked problems."""
-        copies = unary.shape[0] // self.edges1.shape[0]
-        problem = QAPBatch(
-            unary=unary,
-            edges1=self.edges1.repeat(copies, 1, 1),
-            edges2=self.edges2.repeat(copies, 1, 1),
-            pairwise=pairwise,
-        )
-        matching = self.solver(problem)
-        return matching, edge_matches(problem, matching)
+    def samples(self, tensor: torch.Tensor) -> torch.Tensor:
+        """(B, ...) -> (S*B, ...): one copy per noise sample."""
+        return tensor if self.num_samples == 1 else tensor.repeat(self.num_samples, *([1] * (tensor.ndim - 1)))
 
     def sample_mean(self, stacked: torch.Tensor) -> torch.Tensor:
         """(S*B, ...) -> (B, ...) mean over the samples."""
-        return stacked.reshape(self.num_samples, self.edges1.shape[0], *stacked.shape[1:]).mean(0)
+        if self.num_samples == 1:
+            return stacked
+        return stacked.reshape(self.num_samples, -1, *stacked.shape[1:]).mean(0)
+
+    def perturbed(self, unary: torch.Tensor, pairwise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The S stacked perturbed copies of the affinities: (S*B, n, n) and (S*B, E1, E2)."""
+        unary, pairwise = self.samples(unary), self.samples(pairwise)
+        if self.noise == "none":
+            if self.truth is None:
+                lowered = unary.clone()
+                lowered.diagonal(dim1=1, dim2=2).sub_(self.margin)
+                return lowered, pairwise
+            return unary - self.margin * self.samples(self.truth), pairwise
+        return self._add_gumbel(unary), self._add_gumbel(pairwise)
+
+    def _add_gumbel(self, values: torch.Tensor) -> torch.Tensor:
+        """values + mean-zero Gumbel(0, noise_scale) noise, as -log of standard exponential draws from torch's
+        generator (``torch.distributions.Gumbel`` validates its parameters with a device-to-host sync). Mean-zero:
+        a positive mean on edge affinities would favour matchings that keep more edges."""
+        exponential = torch.empty_like(values).exponential_().clamp_min_(torch.finfo(values.dtype).tiny)
+        return torch.add(values, exponential.log_().add_(_EULER_GAMMA), alpha=-self.noise_scale)
+
+    def solve(self, unary: torch.Tensor, pairwise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Solutions x (K, n, n) and their edge matches Y (K, E1, E2) of K = copies x B stacked problems."""
+        copies = unary.shape[0] // self.edges1.shape[0]
+        edges1, edges2 = self.edges1, self.edges2
+        if copies > 1:
+            edges1, edges2 = edges1.repeat(copies, 1, 1), edges2.repeat(copies, 1, 1)
+        matching = self.solver(QAPBatch(unary=unary, edges1=edges1, edges2=edges2, pairwise=pairwise))
+        return matching, edge_pair_matches(self.selection1, self.selection2, matching)
 
 
 def _unit_direction(gradient: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, n, n) gradient -> (its direction with largest magnitude 1 per problem, (B,) that magnitude)."""
-    magnitude = gradient.abs().amax((1, 2))
-    return gradient / magnitude.clamp_min(torch.finfo(gradient.dtype).tiny)[:, None, None], magnitude
+    """(B, n, n) gradient -> (its direction with largest magnitude 1 per problem, (B, 1, 1) that magnitude)."""
+    magnitude = gradient.abs().amax((1, 2), keepdim=True)
+    return gradient / magnitude.clamp_min(torch.finfo(gradient.dtype).tiny), magnitude
 
 
 class _IMLEMatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, unary: torch.Tensor, pairwise: torch.Tensor, settings: _Settings) -> torch.Tensor:
-        noisy_unary, noisy_pairwise = settings.perturbed(unary.detach(), pairwise.detach())
-        size = noisy_unary.shape[0]
-        if settings.direction is not None:
-            # one solver call for the perturbed and the target problems
-            target_unary = settings.target(noisy_unary, settings.direction)
-            solutions, edges = settings.solve(torch.cat([noisy_unary, target_unary]), noisy_pairwise.repeat(2, 1, 1))
-            matching, target_matching = solutions[:size], solutions[size:]
-            matched_edges, target_edges = edges[:size], edges[size:]
-            settings.state.target_matching = target_matching
-        else:
-            matching, matched_edges = settings.solve(noisy_unary, noisy_pairwise)
-            target_matching = target_edges = torch.empty(0)
-            settings.state.target_matching = None
-        settings.state.matching = matching
+        noisy_unary, noisy_pairwise = settings.perturbed(unary, pairwise)  # no autograd inside forward
+        matching, matched_edges = settings.solve(noisy_unary, noisy_pairwise)
+        settings.state.matching, settings.state.target_matching = matching, None
         ctx.settings = settings
-        ctx.save_for_backward(noisy_unary, noisy_pairwise, matching, matched_edges, target_matching, target_edges)
+        ctx.save_for_backward(noisy_unary, noisy_pairwise, matching, matched_edges)
         return settings.sample_mean(matching)
 
     @staticmethod
     def backward(ctx: Any, grad_matching: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
         settings: _Settings = ctx.settings
-        noisy_unary, noisy_pairwise, matching, matched_edges, target_matching, target_edges = ctx.saved_tensors
+        noisy_unary, noisy_pairwise, matching, matched_edges = ctx.saved_tensors
         direction, magnitude = _unit_direction(grad_matching)
+        target = noisy_unary - settings.lambda_ * settings.samples(direction)
+        target_matching, target_edges = settings.solve(target, noisy_pairwise)
+        settings.state.target_matching = target_matching
         # problems without incoming gradient get none back, whatever their target
-        fused = settings.direction is not None and bool(
-            (((direction - settings.direction).abs().amax((1, 2)) <= _DIRECTION_TOLERANCE) | (magnitude == 0)).all()
-        )
-        if not fused:
-            # the loss does not depend on the edge matches directly: only the unary target moves
-            target_matching, target_edges = settings.solve(settings.target(noisy_unary, direction), noisy_pairwise)
-            settings.state.target_matching = target_matching
-        settings.state.fused = fused
-        scale = (magnitude / settings.lambda_)[:, None, None]
+        scale = magnitude / settings.lambda_
         grad_unary = settings.sample_mean(matching - target_matching) * scale
         grad_pairwise = settings.sample_mean(matched_edges - target_edges) * scale
         return grad_unary, grad_pairwise, None
+
+
+class _IMLELinearLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, unary: torch.Tensor, pairwise: torch.Tensor, cost: torch.Tensor, settings: _Settings
+    ) -> torch.Tensor:
+        noisy_unary, noisy_pairwise = settings.perturbed(unary, pairwise)  # no autograd inside forward
+        direction, magnitude = _unit_direction(cost)
+        step = settings.lambda_ * settings.samples(direction)
+        # one solver call for the perturbed and the target problems
+        solutions, edges = settings.solve(torch.cat([noisy_unary, noisy_unary - step]), noisy_pairwise.repeat(2, 1, 1))
+        matching, target_matching = solutions.chunk(2)
+        matched_edges, target_edges = edges.chunk(2)
+        settings.state.matching, settings.state.target_matching = matching, target_matching
+        ctx.settings = settings
+        ctx.save_for_backward(
+            settings.sample_mean(matching - target_matching), settings.sample_mean(matched_edges - target_edges),
+            magnitude / settings.lambda_, noisy_unary, noisy_pairwise, matching, matched_edges, step,
+        )
+        return (settings.sample_mean(matching) * cost).sum((1, 2))
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+        settings: _Settings = ctx.settings
+        unary_difference, edge_difference, step_scale, noisy_unary, noisy_pairwise, matching, matched_edges, step = (
+            ctx.saved_tensors
+        )
+        # x - x' for the gradient g = grad * cost; |g| / lambda = grad * |cost| / lambda
+        scale = grad_loss.view(-1, 1, 1) * step_scale
+        if bool((grad_loss < 0).any()):
+            # a maximised loss: its target lies the other way, solved now; |g| (x - x'') = scale (x'' - x)
+            reverse_matching, reverse_edges = settings.solve(noisy_unary + step, noisy_pairwise)
+            negative = grad_loss.view(-1, 1, 1) < 0
+            unary_difference = torch.where(negative, settings.sample_mean(reverse_matching - matching), unary_difference)
+            edge_difference = torch.where(negative, settings.sample_mean(reverse_edges - matched_edges), edge_difference)
+        return unary_difference * scale, edge_difference * scale, None, None

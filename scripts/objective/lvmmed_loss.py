@@ -11,9 +11,8 @@ from torch import nn
 
 from scripts.objective.affinity import edge_affinity, global_affinity, local_affinity
 from scripts.objective.geometry import grid_box, pool_grid
-from scripts.objective.graph import MessagePassing, graph_sizes, knn_edges, pad_edges
-from scripts.objective.hamming import hamming_distance
-from scripts.objective.imle import IMLEState, Solver, imle_match
+from scripts.objective.graph import MessagePassing, graph_sizes, incidence_rows, knn_edges, pad_edges
+from scripts.objective.imle import IMLEState, Solver, imle_linear_loss
 from scripts.objective.qap import GraphMatchingSolver, QAPBatch, linear_assignment
 
 __all__ = ["LVMMedLoss"]
@@ -155,8 +154,9 @@ class LVMMedLoss(nn.Module):
         self.gcn = MessagePassing(embedding_dim, gcn_features, gcn_residual) if message_passing else None
         # built after the modules so that torch's seed (set_determinism, manual_seed) fixes its random starts
         self.solver: Solver = solver if solver is not None else GraphMatchingSolver()
-        # share of images whose first view was matched to its own second view in the last forward
-        self.last_match_accuracy = torch.tensor(float("nan"))
+        # Hamming distance of the last forward's matchings, over all graphs, and its number of images
+        self._hamming_total: torch.Tensor | None = None
+        self._num_images = 0
         # the IMLE solutions of the last step, one state per graph size
         self._states: list[IMLEState] = []
 
@@ -185,9 +185,8 @@ class LVMMedLoss(nn.Module):
         """
         self._check_inputs(embeddings1, embeddings2, features1, features2, grid1, grid2)
         self._states = []
-        num_images = embeddings1.shape[0]
-        if num_images < 2:
-            self.last_match_accuracy = torch.tensor(float("nan"))
+        self._hamming_total, self._num_images = None, embeddings1.shape[0]
+        if self._num_images < 2:
             return embeddings1.float().sum() * 0.0
         with torch.autocast(device_type=embeddings1.device.type, enabled=False):
             return self._graph_matching_loss(*(_as_float32(t) for t in (
@@ -204,55 +203,65 @@ class LVMMedLoss(nn.Module):
     ) -> torch.Tensor:
         num_images = embeddings1.shape[0]
         sizes = graph_sizes(num_images, self.graph_size)
-        total = embeddings1.new_zeros(())
-        correct = embeddings1.new_zeros(())
+        inputs = (embeddings1, embeddings2, features1, features2, grid1, grid2)
+        total: torch.Tensor | None = None
         start = 0
         # graphs come in at most two sizes; each size is one batched problem
         for size in sorted(set(sizes), reverse=True):
             count = sizes.count(size)
             rows = slice(start, start + count * size)
             start += count * size
-            local = None
-            if self.local_similarity:
-                local = self._local_affinity(features1[rows], features2[rows], grid1[rows], grid2[rows], count)
-            matching = self._match(embeddings1[rows].reshape(count, size, -1), embeddings2[rows].reshape(count, size, -1), local)
-            total = total + hamming_distance(matching).sum()
-            correct = correct + matching.detach().diagonal(dim1=1, dim2=2).sum()
-        self.last_match_accuracy = correct / num_images
-        return total / len(sizes)
+            part = inputs if count * size == num_images else tuple(None if t is None else t[rows] for t in inputs)
+            local = self._local_affinity(*part[2:], count) if self.local_similarity else None
+            # both views' graphs in one batch (2G, n, F): half the operator calls (kernel launches on CUDA)
+            embeddings = torch.cat(part[:2]).view(2 * count, size, -1)
+            distance = self._match(embeddings, local).sum() + count * size
+            total = distance if total is None else total + distance
+        # the Hamming distance of a matching is twice its wrongly matched images
+        self._hamming_total = total.detach()
+        return total if len(sizes) == 1 else total / len(sizes)
 
-    def _match(self, embeddings1: torch.Tensor, embeddings2: torch.Tensor, local: torch.Tensor | None) -> torch.Tensor:
-        """(G, n, n) IMLE matchings of G graph pairs built from (G, n, F) embeddings."""
-        num_graphs, num_nodes = embeddings1.shape[:2]
-        # both views' graphs in one batch: half the operator calls (kernel launches on CUDA)
-        embeddings = torch.cat([embeddings1, embeddings2])
+    def _match(self, embeddings: torch.Tensor, local: torch.Tensor | None) -> torch.Tensor:
+        """(G,) Hamming distances minus n of the IMLE matchings of G graph pairs from (2G, n, F) embeddings
+        (view 1's graphs, then view 2's)."""
+        num_graphs, num_nodes = embeddings.shape[0] // 2, embeddings.shape[1]
         adjacency = knn_edges(embeddings, self.num_neighbors)
         nodes = embeddings if self.gcn is None else self.gcn(embeddings, adjacency)
-        nodes1, nodes2 = nodes[:num_graphs], nodes[num_graphs:]
-        unary = global_affinity(nodes1, nodes2)
+        unary = global_affinity(nodes)
         if local is not None:
-            unary = self.alpha * unary + (1.0 - self.alpha) * local
+            unary = torch.lerp(local, unary, self.alpha)  # alpha * global + (1 - alpha) * local
         if self.second_order:
             # a symmetric kNN graph has at most 2 n k directed edges: a fixed width needs no host sync
-            edges = pad_edges(adjacency, 2 * num_nodes * min(self.num_neighbors, num_nodes - 1))
-            edges1, edges2 = edges[:num_graphs], edges[num_graphs:]
-            pairwise = self.edge_weight * edge_affinity(nodes1, edges1, nodes2, edges2)
+            width = 2 * num_nodes * min(self.num_neighbors, num_nodes - 1)
+            edges = pad_edges(adjacency, width)
+            pairwise = edge_affinity(nodes, incidence_rows(edges, num_nodes, unary.dtype))
+            if self.edge_weight != 1.0:
+                pairwise = self.edge_weight * pairwise
+            edges1, edges2 = edges.chunk(2)
             solver = self.solver
         else:
             edges1 = edges2 = unary.new_zeros((num_graphs, 0, 2), dtype=torch.long)
             pairwise = unary.new_zeros((num_graphs, 0, 0))
             solver = _linear_assignment_solver
         problem = QAPBatch(unary=unary, edges1=edges1, edges2=edges2, pairwise=pairwise)
-        truth = torch.eye(num_nodes, dtype=unary.dtype, device=unary.device).expand(num_graphs, -1, -1)
         state = IMLEState()
         self._states.append(state)
-        # the Hamming loss's gradient with respect to the matching is 1 - 2 I: the IMLE target is solved
-        # in the forward, in the same solver call
-        return imle_match(problem, solver, self.lambda_, self.noise, self.noise_scale, self.margin,
-                          self.num_samples, truth=truth, loss_direction=1 - 2 * truth, state=state)
+        # the Hamming distance is linear in the matching, <1 - 2 I, x> + n: its IMLE target is solved in the
+        # forward, in the same solver call
+        cost = unary.new_ones((num_nodes, num_nodes)).fill_diagonal_(-1.0)
+        return imle_linear_loss(problem, solver, cost, self.lambda_, self.noise, self.noise_scale, self.margin,
+                                self.num_samples, state=state)
 
     @property
-    def last_gradient_nonzero_share(self) -> float:
+    def last_match_accuracy(self) -> torch.Tensor:
+        """Share of images whose first view was matched to its own second view in the last forward (NaN before), a
+        0-dim tensor on the objective's device."""
+        if self._hamming_total is None:
+            return torch.tensor(float("nan"))
+        return 1.0 - self._hamming_total / (2 * self._num_images)
+
+    @property
+    def last_gradient_nonzero_share(self) -> torch.Tensor:
         """Share of non-zero entries of the IMLE gradient on the vertex affinities in the last step.
 
         Zero means the perturbed and target matchings agreed everywhere: no learning signal.
@@ -260,7 +269,7 @@ class LVMMedLoss(nn.Module):
         return self._share_of_states(lambda state: (state.matching != state.target_matching).flatten())
 
     @property
-    def last_target_differs_share(self) -> float:
+    def last_target_differs_share(self) -> torch.Tensor:
         """Share of the last step's IMLE target matchings that differ from the true one.
 
         Near 1 when lambda_ is too small to pull the target to the truth; 0 when lambda_ saturates
@@ -273,12 +282,14 @@ class LVMMedLoss(nn.Module):
 
         return self._share_of_states(differs)
 
-    def _share_of_states(self, flags: Callable[[IMLEState], torch.Tensor]) -> float:
-        """Mean of per-state boolean flags over the last step's states (NaN before any backward)."""
+    def _share_of_states(self, flags: Callable[[IMLEState], torch.Tensor]) -> torch.Tensor:
+        """Mean of per-state boolean flags over the last step's states (NaN before any solve), a 0-dim tensor on the
+        objective's device: reading it is the caller's device-to-host synchronisation (``ObjectiveStats`` reads
+        once per epoch)."""
         values = [flags(state) for state in self._states if state.target_matching is not None]
         if not values:
-            return float("nan")
-        return float(torch.cat(values).float().mean())
+            return torch.tensor(float("nan"))
+        return torch.cat(values).float().mean()
 
     def _local_affinity(
         self,
@@ -289,22 +300,19 @@ class LVMMedLoss(nn.Module):
         num_graphs: int,
     ) -> torch.Tensor:
         """(G, n, n) local affinities of (G*n, D, R, S) feature maps and (G*n, R, S, 2) grids."""
-        if self.local_grid_size is not None:
-            features1, grid1 = self._pool(features1, grid1)
-            features2, grid2 = self._pool(features2, grid2)
-
-        def cells(features: torch.Tensor) -> torch.Tensor:
-            return features.flatten(2).transpose(1, 2).reshape(num_graphs, -1, features.shape[2] * features.shape[3], features.shape[1])
-
-        def centres(grid: torch.Tensor) -> torch.Tensor:
-            return grid.reshape(num_graphs, -1, grid.shape[1] * grid.shape[2], 2)
-
+        features1, grid1 = self._pool(features1, grid1)
+        features2, grid2 = self._pool(features2, grid2)
         box2 = grid_box(grid2).reshape(num_graphs, -1, 4)
+        cells = lambda maps: maps.reshape(num_graphs, -1, maps.shape[1], maps.shape[2] * maps.shape[3])  # noqa: E731
+        centres = lambda grid: grid.reshape(num_graphs, -1, grid.shape[1] * grid.shape[2], 2)  # noqa: E731
         return local_affinity(cells(features1), cells(features2), centres(grid1), centres(grid2), box2,
                               self.local_num_matches)
 
     def _pool(self, features: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feature map and grid average-pooled to at most local_grid_size cells per side (unchanged if within)."""
         size = self.local_grid_size
+        if size is None or max(features.shape[2:]) <= size:
+            return features, grid
         target = (min(features.shape[2], size), min(features.shape[3], size))
         return F.adaptive_avg_pool2d(features, target), pool_grid(grid, size)
 
@@ -349,7 +357,8 @@ def _as_float32(tensor: torch.Tensor | None) -> torch.Tensor | None:
 
 def _check_finite(**tensors: torch.Tensor) -> None:
     """Raises naming the first tensor with NaN or Inf values; one device-to-host synchronisation when all are finite."""
-    finite = torch.stack([torch.isfinite(value).all() for value in tensors.values()])
+    # the largest magnitude of a tensor is finite exactly when all its values are (NaN propagates)
+    finite = torch.stack([torch.linalg.vector_norm(value, ord=torch.inf) for value in tensors.values()]).isfinite()
     if not bool(finite.all()):
         name = list(tensors)[int(finite.logical_not().nonzero()[0])]
         raise ValueError(f"{name} holds NaN or Inf values.")

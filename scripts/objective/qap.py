@@ -43,7 +43,7 @@ import torch
 from numba import njit
 from torch import Tensor
 
-__all__ = ["QAPBatch", "qap_score", "edge_matches", "linear_assignment", "GraphMatchingSolver"]
+__all__ = ["QAPBatch", "qap_score", "edge_selection", "edge_pair_matches", "edge_matches", "linear_assignment", "GraphMatchingSolver"]
 
 _MAX_EXACT_NODES = 9  # 9! = 362,880 permutations per problem; n! grows tenfold per node beyond
 _VALUE_LIMIT = 1e300  # NaN counts as -1e300 and larger magnitudes are clipped: sums of a few hundred stay finite
@@ -75,9 +75,9 @@ class QAPBatch:
     pairwise: (B, E1, E2), unary's dtype, affinity of edge e of graph 1 with edge f of graph 2.
 
     Shorter edge lists are padded with rows (0, 0). Self-loop rows count as padding: their pairwise
-    rows and columns are ignored everywhere. All tensors share one device. Node indices are checked here
-    for CPU tensors; on other devices the solver checks them on its host copy, so that building a batch
-    never waits for the device.
+    rows and columns are ignored everywhere. All tensors share one device. Building a batch checks shapes,
+    dtypes and devices only, with no operator call (none waits for the device); node indices are checked by
+    the solver on its host copy, on every device.
     """
 
     unary: Tensor
@@ -91,15 +91,13 @@ class QAPBatch:
             raise ValueError(f"unary must be (B, n, n) with n >= 1, got {_describe(u)}")
         if not u.is_floating_point():
             raise ValueError(f"unary must be floating point, got {_describe(u)}")
-        batch, n = u.shape[:2]
+        batch = u.shape[0]
         for name in ("edges1", "edges2"):
             edges = getattr(self, name)
             if not isinstance(edges, Tensor) or edges.dim() != 3 or edges.shape[0] != batch or edges.shape[2] != 2:
                 raise ValueError(f"{name} must be (B, E, 2) with B={batch}, got {_describe(edges)}")
             if edges.dtype != torch.long or edges.device != u.device:
                 raise ValueError(f"{name} must be torch.long on {u.device}, got {_describe(edges)}")
-            if edges.device.type == "cpu":
-                _check_node_indices(name, edges.numpy(), n)
         w = self.pairwise
         expected = (batch, self.edges1.shape[1], self.edges2.shape[1])
         if not isinstance(w, Tensor) or tuple(w.shape) != expected:
@@ -108,16 +106,39 @@ class QAPBatch:
             raise ValueError(f"pairwise must be {u.dtype} on {u.device} like unary, got {_describe(w)}")
 
 
-def _real_edge_pairs(problem: QAPBatch) -> Tensor:
-    """(B, E1, E2) bool: True where both edges are real (not self-loop padding)."""
-    real1 = problem.edges1[..., 0] != problem.edges1[..., 1]
-    real2 = problem.edges2[..., 0] != problem.edges2[..., 1]
-    return real1[:, :, None] & real2[:, None, :]
-
-
 def _check_matching(problem: QAPBatch, matching: Tensor) -> None:
     if not isinstance(matching, Tensor) or matching.shape != problem.unary.shape:
         raise ValueError(f"matching must be {tuple(problem.unary.shape)}, got {_describe(matching)}")
+
+
+def edge_selection(edges: Tensor, num_nodes: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """One-hot rows of every edge's source and target vertex: (..., E, 2) long -> (..., 2, E, n).
+
+    ``[..., 0, e, :]`` is 1 at edge e's source, ``[..., 1, e, :]`` at its target; padding (self-loop) edges get
+    zero rows and select nothing. Target rows minus source rows are the graph's incidence matrix.
+    """
+    real = (edges.diff(dim=-1) != 0).unsqueeze(-1).to(dtype)  # (..., E, 1, 1)
+    # scatter rather than F.one_hot, which checks the indices' range with device-to-host syncs on the CPU
+    one_hot = edges.new_zeros((*edges.shape, num_nodes), dtype=dtype).scatter_(-1, edges.unsqueeze(-1), 1.0)
+    return (one_hot * real).transpose(-3, -2)
+
+
+def edge_pair_matches(selection1: Tensor, selection2: Tensor, matching: Tensor) -> Tensor:
+    """Y[e, f] = X[i_e, a_f] * X[j_e, b_f] of c x B matchings X of B problems' edges.
+
+    Args:
+        selection1: (B, 2, E1, n) ``edge_selection`` of graph 1's edges.
+        selection2: (B, 2, E2, n) same for graph 2.
+        matching: (c * B, n, n) matchings, 0/1 or relaxed: c copies of the B problems, copy-major.
+
+    Returns:
+        (c * B, E1, E2), zero on padding; differentiable w.r.t. the matching.
+    """
+    batch, _, _, n = selection1.shape
+    copies = matching.reshape(-1, batch, 1, n, n)
+    # (sources of 1) X (sources of 2)^T and (targets of 1) X (targets of 2)^T, multiplied
+    both = selection1 @ copies @ selection2.transpose(-1, -2)  # (c, B, 2, E1, E2)
+    return both.prod(2).flatten(0, 1)
 
 
 def edge_matches(problem: QAPBatch, matching: Tensor) -> Tensor:
@@ -126,13 +147,8 @@ def edge_matches(problem: QAPBatch, matching: Tensor) -> Tensor:
     score(X) = <unary, X> + <pairwise, Y>, so Y is the gradient of the score w.r.t. pairwise.
     """
     _check_matching(problem, matching)
-    n, e1 = matching.shape[1], problem.edges1.shape[1]
-    src, dst = problem.edges1.unbind(-1)  # (B, E1)
-    head, tail = problem.edges2.unbind(-1)  # (B, E2)
-    at_src = matching.gather(1, src[:, :, None].expand(-1, -1, n))  # (B, E1, n): X[i_e, :]
-    at_dst = matching.gather(1, dst[:, :, None].expand(-1, -1, n))
-    y = at_src.gather(2, head[:, None, :].expand(-1, e1, -1)) * at_dst.gather(2, tail[:, None, :].expand(-1, e1, -1))
-    return torch.where(_real_edge_pairs(problem), y, 0.0)
+    n, dtype = matching.shape[1], matching.dtype
+    return edge_pair_matches(edge_selection(problem.edges1, n, dtype), edge_selection(problem.edges2, n, dtype), matching)
 
 
 def qap_score(problem: QAPBatch, matching: Tensor) -> Tensor:
@@ -606,20 +622,20 @@ def _solve_batch(unary, pairwise, edges1, edges2, exact, random_starts, max_iter
 
 def _host_copy(problem: QAPBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """unary (B, n, n), pairwise (B, E1, E2) float64 and edges1, edges2 int64 on the host, by one
-    device-to-host copy of one float64 array (node indices are exact in it); node indices checked."""
+    device-to-host copy of one flat float64 array (node indices are exact in it); node indices checked.
+    Each part is a contiguous section of the copy: the float arrays are views of it, not further copies."""
     u, w, edges1, edges2 = problem.unary, problem.pairwise, problem.edges1, problem.edges2
     batch, n = u.shape[:2]
     e1, e2 = edges1.shape[1], edges2.shape[1]
-    sizes = [n * n, e1 * e2, 2 * e1, 2 * e2]
-    packed = u.new_empty((batch, sum(sizes)), dtype=torch.float64)
-    torch.cat([u.flatten(1), w.flatten(1), edges1.flatten(1), edges2.flatten(1)], 1, out=packed)
-    unary, pairwise, edges1, edges2 = np.split(packed.cpu().numpy(), np.cumsum(sizes)[:-1], axis=1)
-    edges1 = np.ascontiguousarray(edges1.astype(np.int64).reshape(batch, e1, 2))
-    edges2 = np.ascontiguousarray(edges2.astype(np.int64).reshape(batch, e2, 2))
+    sizes = [batch * n * n, batch * e1 * e2, batch * 2 * e1, batch * 2 * e2]
+    packed = u.new_empty(sum(sizes), dtype=torch.float64)
+    torch.cat([u.flatten(), w.flatten(), edges1.flatten(), edges2.flatten()], out=packed)
+    unary, pairwise, edges1, edges2 = np.split(packed.cpu().numpy(), np.cumsum(sizes)[:-1])
+    edges1 = edges1.astype(np.int64).reshape(batch, e1, 2)
+    edges2 = edges2.astype(np.int64).reshape(batch, e2, 2)
     _check_node_indices("edges1", edges1, n)
     _check_node_indices("edges2", edges2, n)
-    as_array = lambda x, *shape: np.ascontiguousarray(x).reshape(batch, *shape)  # noqa: E731
-    return as_array(unary, n, n), as_array(pairwise, e1, e2), edges1, edges2
+    return unary.reshape(batch, n, n), pairwise.reshape(batch, e1, e2), edges1, edges2
 
 
 def _permutation_matrices(perms: np.ndarray, like: Tensor) -> Tensor:
