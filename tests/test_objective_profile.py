@@ -60,3 +60,14 @@ def test_quick_report_lists_every_target() -> None:
     for name in ("top-level operator calls per step", "synchronisations per step", "solver ms per step"):
         assert name in text
     assert "not judged" in text and "outside the solver" in text
+
+
+def test_the_default_objective_stays_within_issue_14s_budget() -> None:
+    """<= 300 operator calls and <= 5 synchronisations per step: the counts do not depend on the sizes, so small
+    feature maps give the full-size figures (289 calls, 2 syncs on 2026-12-01)."""
+    setting = ProfileSetting(graphs=2, channels=32, cells=7)
+    loss_fn = LVMMedLoss()
+    loss_fn.solver = TimedSolver(loss_fn.solver)
+    counts = profile_step(loss_fn, make_inputs(setting, torch.device("cpu")), torch.device("cpu"))
+    assert counts.top_level_ops <= objective_profile.OPS_TARGET
+    assert counts.syncs <= objective_profile.SYNCS_TARGET
