@@ -39,23 +39,9 @@ def _positive(name: str, value: float) -> float:
     return float(value)
 
 
-class SimCLRLoss(nn.Module):
-    """NT-Xent of SimCLR (Chen et al., "A Simple Framework for Contrastive Learning of Visual Representations",
-    ICML 2020): each view must pick its partner among the other 2N - 1 views by cosine similarity / temperature.
-
-    MONAI's ``ContrastiveLoss`` computes exactly this (cosine similarities of the 2N views, the partner's term in
-    the numerator, all 2N - 1 others in the denominator, mean over the 2N views). The default temperature 0.5 is
-    the one SimCLR found best for its small-batch CIFAR-10 runs (appendix B.9) and MONAI's default; 0.1 suits
-    batches of thousands.
-
-    Args:
-        temperature: softmax temperature, positive.
-    """
-
-    def __init__(self, temperature: float = 0.5) -> None:
-        super().__init__()
-        self.temperature = _positive("temperature", temperature)
-        self.contrastive = ContrastiveLoss(temperature=self.temperature)
+class _EmbeddingPairLoss(nn.Module):
+    """Shared call of the baselines: ``LVMMedLoss``'s arguments, the embeddings checked, the loss computed by
+    ``pair_loss`` in float32 with autocast off."""
 
     def forward(
         self,
@@ -76,10 +62,36 @@ class SimCLRLoss(nn.Module):
         """
         _check_pair(embeddings1, embeddings2, 2)
         with torch.autocast(device_type=embeddings1.device.type, enabled=False):
-            return self.contrastive(embeddings1.float(), embeddings2.float())
+            return self.pair_loss(embeddings1.float(), embeddings2.float())
+
+    def pair_loss(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        """The scalar loss of (N, F) float32 embeddings of the two views."""
+        raise NotImplementedError
 
 
-class VICRegLoss(nn.Module):
+class SimCLRLoss(_EmbeddingPairLoss):
+    """NT-Xent of SimCLR (Chen et al., "A Simple Framework for Contrastive Learning of Visual Representations",
+    ICML 2020): each view must pick its partner among the other 2N - 1 views by cosine similarity / temperature.
+
+    MONAI's ``ContrastiveLoss`` computes exactly this (cosine similarities of the 2N views, the partner's term in
+    the numerator, all 2N - 1 others in the denominator, mean over the 2N views). The default temperature 0.5 is
+    the one SimCLR found best for its small-batch CIFAR-10 runs (appendix B.9) and MONAI's default; 0.1 suits
+    batches of thousands.
+
+    Args:
+        temperature: softmax temperature, positive.
+    """
+
+    def __init__(self, temperature: float = 0.5) -> None:
+        super().__init__()
+        self.temperature = _positive("temperature", temperature)
+        self.contrastive = ContrastiveLoss(temperature=self.temperature)
+
+    def pair_loss(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        return self.contrastive(z1, z2)
+
+
+class VICRegLoss(_EmbeddingPairLoss):
     """VICReg (Bardes, Ponce and LeCun, "VICReg: Variance-Invariance-Covariance Regularization for
     Self-Supervised Learning", ICLR 2022, Eq. 1-6): ``sim_coeff`` x mean squared distance of the two views,
     ``std_coeff`` x hinge on each dimension's standard deviation (target 1, per view), ``cov_coeff`` x sum of
@@ -99,39 +111,20 @@ class VICRegLoss(nn.Module):
         self.cov_coeff = _positive("cov_coeff", cov_coeff)
         self.eps = _positive("eps", eps)
 
-    def forward(
-        self,
-        embeddings1: torch.Tensor,
-        embeddings2: torch.Tensor,
-        features1: torch.Tensor | None = None,
-        features2: torch.Tensor | None = None,
-        grid1: torch.Tensor | None = None,
-        grid2: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """
-        Args:
-            embeddings1, embeddings2: (N, F) embeddings of the two views, image i at row i; N >= 2.
-            features1, features2, grid1, grid2: ignored (``LVMMedLoss``'s call).
-
-        Returns:
-            the scalar loss, computed in float32 (also under autocast).
-        """
-        _check_pair(embeddings1, embeddings2, 2)
-        with torch.autocast(device_type=embeddings1.device.type, enabled=False):
-            z1, z2 = embeddings1.float(), embeddings2.float()
-            invariance = F.mse_loss(z1, z2)
-            variance = covariance = z1.new_zeros(())
-            for z in (z1, z2):
-                centred = z - z.mean(0)
-                std = torch.sqrt(centred.var(0) + self.eps)
-                variance = variance + F.relu(1.0 - std).mean() / 2
-                cov = centred.T @ centred / (z.shape[0] - 1)
-                off_diagonal = cov - torch.diag(torch.diagonal(cov))
-                covariance = covariance + off_diagonal.pow(2).sum() / z.shape[1]
-            return self.sim_coeff * invariance + self.std_coeff * variance + self.cov_coeff * covariance
+    def pair_loss(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        invariance = F.mse_loss(z1, z2)
+        variance = covariance = z1.new_zeros(())
+        for z in (z1, z2):
+            centred = z - z.mean(0)
+            std = torch.sqrt(centred.var(0) + self.eps)
+            variance = variance + F.relu(1.0 - std).mean() / 2
+            cov = centred.T @ centred / (z.shape[0] - 1)
+            off_diagonal = cov - torch.diag(torch.diagonal(cov))
+            covariance = covariance + off_diagonal.pow(2).sum() / z.shape[1]
+        return self.sim_coeff * invariance + self.std_coeff * variance + self.cov_coeff * covariance
 
 
-class BarlowTwinsLoss(nn.Module):
+class BarlowTwinsLoss(_EmbeddingPairLoss):
     """Barlow Twins (Zbontar et al., "Barlow Twins: Self-Supervised Learning via Redundancy Reduction", ICML 2021,
     Eq. 1): the cross-correlation matrix of the two views' batch-normalised embeddings is pushed to the identity,
     sum of (1 - C_ii)^2 plus ``lambda_offdiag`` x sum of C_ij^2 (i != j). The default 5e-3 is the paper's; the
@@ -150,29 +143,11 @@ class BarlowTwinsLoss(nn.Module):
         self.lambda_offdiag = _positive("lambda_offdiag", lambda_offdiag)
         self.normalise = nn.BatchNorm1d(embedding_dim, affine=False)
 
-    def forward(
-        self,
-        embeddings1: torch.Tensor,
-        embeddings2: torch.Tensor,
-        features1: torch.Tensor | None = None,
-        features2: torch.Tensor | None = None,
-        grid1: torch.Tensor | None = None,
-        grid2: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """
-        Args:
-            embeddings1, embeddings2: (N, embedding_dim) embeddings of the two views, image i at row i; N >= 2.
-            features1, features2, grid1, grid2: ignored (``LVMMedLoss``'s call).
-
-        Returns:
-            the scalar loss, computed in float32 (also under autocast).
-        """
-        _check_pair(embeddings1, embeddings2, 2)
-        if embeddings1.shape[1] != self.embedding_dim:
-            raise ValueError(f"embeddings must have {self.embedding_dim} features, got {embeddings1.shape[1]}.")
-        with torch.autocast(device_type=embeddings1.device.type, enabled=False):
-            z1, z2 = self.normalise(embeddings1.float()), self.normalise(embeddings2.float())
-            correlation = z1.T @ z2 / z1.shape[0]
-            on_diagonal = (torch.diagonal(correlation) - 1).pow(2).sum()
-            off_diagonal = (correlation - torch.diag(torch.diagonal(correlation))).pow(2).sum()
-            return on_diagonal + self.lambda_offdiag * off_diagonal
+    def pair_loss(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        if z1.shape[1] != self.embedding_dim:
+            raise ValueError(f"embeddings must have {self.embedding_dim} features, got {z1.shape[1]}.")
+        z1, z2 = self.normalise(z1), self.normalise(z2)
+        correlation = z1.T @ z2 / z1.shape[0]
+        on_diagonal = (torch.diagonal(correlation) - 1).pow(2).sum()
+        off_diagonal = (correlation - torch.diag(torch.diagonal(correlation))).pow(2).sum()
+        return on_diagonal + self.lambda_offdiag * off_diagonal
