@@ -153,6 +153,32 @@ def test_the_script_keeps_the_machines_torch() -> None:
     assert not any("torch==" in line for line in code)
 
 
+@pytest.mark.slow  # a virtualenv, a pip install and a check run: about a minute on 2 cores
+def test_the_script_runs_the_check_from_the_wheels_alone(tmp_path: Path) -> None:
+    """benchmarks/gpu_check.sh on a Python whose own packages are the GPU image's only (this interpreter's version,
+    the image's distributions linked onto PYTHONPATH): it installs the carried wheels and runs the check."""
+    wheels = REPO_ROOT / ".gpu-wheels"
+    python = Path("/usr/bin/python3")
+    if not any(wheels.glob("*.whl")):
+        pytest.skip("no .gpu-wheels/ here (make gpu-wheels downloads it)")
+    version = subprocess.run([str(python), "-c", "import sys; print(sys.version_info[:2])"], capture_output=True,
+                             text=True) if python.exists() else None
+    if version is None or version.stdout.strip() != str(sys.version_info[:2]):
+        pytest.skip(f"{python} is not a Python {sys.version_info[:2]} (the linked binary modules need the same)")
+    site = tmp_path / "site"
+    site.mkdir()
+    _gpu_machine_site(site, gpu_wheels.image_distributions())
+    environment = {**os.environ, "PYTHON": str(python), "PYTHONPATH": str(site), "OUT": str(tmp_path / "out"),
+                   "GPU_VENV": str(tmp_path / "venv"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--quick", "--device", "cpu", "--only", "warm_up",
+                             "augmentation"], cwd=REPO_ROOT, env=environment, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    record = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert [part["status"] for part in record["parts"]] == ["done", "done"]
+    assert f"check torch {torch.__version__}" in result.stdout  # the machine's torch, not one installed
+
+
 def _fake_part(behaviour: str):
     def part(context: gpu_check.Context, result: gpu_check.PartResult) -> Report:
         if behaviour == "fail":
