@@ -925,8 +925,11 @@ def main() -> None:
         ddp_worker(args.ddp_worker, args.output, args.quick)
         return
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    run_check(device, args.quick, args.output, args.budget_s, echo=lambda text: print(text, flush=True),
-              only=tuple(args.only) if args.only else None, started=PROCESS_STARTED)
+    try:
+        run_check(device, args.quick, args.output, args.budget_s, echo=lambda text: print(text, flush=True),
+                  only=tuple(args.only) if args.only else None, started=PROCESS_STARTED)
+    except ValueError as error:  # a bad argument, found before any part runs: one line, no traceback
+        sys.exit(f"gpu_check: {error}")
 
 
 if __name__ == "__main__":

@@ -22,19 +22,25 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 
-__all__ = ["GPU_IMAGE", "PLATFORMS", "WHEELS", "image_distributions", "normalise", "pins", "download"]
+__all__ = ["GPU_IMAGE", "NOT_SURE_ON_IMAGE", "PLATFORMS", "WHEELS", "image_distributions", "normalise", "pins", "download"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # What the lent GPU machine has (issue 23): Python 3.12, its own torch and these, with their dependencies.
 GPU_IMAGE = ("torch", "numpy", "scipy", "numba", "onnx", "onnxruntime", "tensorboard", "torch-geometric")
 
-# What the check imports beyond GPU_IMAGE (tests/test_gpu_check.py derives it from a run and compares).
+# Imported by the check, but on the image only as a dependency that older releases of GPU_IMAGE's packages do
+# not declare: pillow (scripts/data/embedded.py) comes with tensorboard from 2.20 on; 2.19 does not require it.
+NOT_SURE_ON_IMAGE = ("pillow",)
+
+# What the check imports beyond what the image surely has (tests/test_gpu_check.py derives it from a run and
+# compares).
 WHEELS = (
     "monai",
     "pytorch-ignite",
     "nibabel",
     "pydicom",
+    "pillow",
 )
 
 PYTHON_VERSION = "3.12"
@@ -51,7 +57,8 @@ def normalise(name: str) -> str:
 
 
 def image_distributions(roots: tuple[str, ...] = GPU_IMAGE) -> set[str]:
-    """``roots`` and every distribution they require (transitively, no extras), as installed here; normalised.
+    """What the GPU image surely has: ``roots`` and every distribution they require (transitively, no extras), as
+    installed here, less :data:`NOT_SURE_ON_IMAGE`; normalised.
 
     A requirement that is not installed here is kept by name (the GPU image has it) without following it.
     """
@@ -70,7 +77,7 @@ def image_distributions(roots: tuple[str, ...] = GPU_IMAGE) -> set[str]:
             requirement = Requirement(text)
             if requirement.marker is None or requirement.marker.evaluate(_MARKERS):
                 pending.append(normalise(requirement.name))
-    return found
+    return found - {normalise(name) for name in NOT_SURE_ON_IMAGE}
 
 
 def pins(names: tuple[str, ...] = WHEELS, requirements: Path = REPO_ROOT / "requirements.txt") -> list[str]:
