@@ -117,12 +117,14 @@ class Target:
 
 @dataclass
 class Report:
-    """What one benchmark prints: tables, targets and free-text notes."""
+    """What one benchmark prints: tables, targets and free-text notes; and figures, its main numbers by name, for
+    callers that record them (``benchmarks.gpu_check``'s JSON)."""
 
     name: str
     tables: list[Table] = field(default_factory=list)
     targets: list[Target] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    figures: dict[str, float | int | None] = field(default_factory=dict)
 
     def render(self) -> str:
         parts = [f"## {self.name}", ""]

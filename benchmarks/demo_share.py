@@ -22,6 +22,9 @@ The objective share is (t_LVM-Med - t_NT-Xent) / t_LVM-Med. Target (issue 14): <
 (64², batch 16, CPU). A second table splits the mean iteration of each side into its parts (hooks on the
 network and the objective, MONAI's iteration events, each handler timed), so that the difference can be
 located; ``--profile`` adds the operators inside the objective's forward and backward (``torch.profiler``).
+
+:func:`measure` (the timed runs) and :func:`share_report` (their tables and target) are the two halves of
+:func:`run`; ``benchmarks.gpu_check`` calls them at 224², batch 2 x 64 on CUDA, with handlers of its own attached.
 """
 
 from __future__ import annotations
