@@ -511,6 +511,24 @@ def _vit_step_fits(context: Context, batch: int) -> bool:
         _free_memory()
 
 
+def _vit_workflow(context: Context, batch: int, iterations: int) -> tuple[list[float], float | None, int]:
+    """configs/pretrain_vit.json's trainer at ``batch``: one warm-up iteration, then ``iterations`` timed; returns
+    the seconds of each, the peak memory (MB, CUDA only) and the image size."""
+    overrides = {**_vit_overrides(context), "batch_size": batch}
+    with tempfile.TemporaryDirectory(dir=context.scratch) as temporary:
+        parser, trainer = build_trainer(Path(temporary), "vit", overrides, ("pretrain.json", "pretrain_vit.json"))
+        peaks = _PeakPerIteration(trainer, context.device)
+        detach = _stop_after(trainer, 1)
+        trainer.run()  # warm-up iteration
+        detach()
+        detach = _stop_after(trainer, iterations)
+        with _iteration_timer(trainer, context.device) as times:
+            trainer.run()
+        detach()
+        _end(trainer)
+        return times, peaks.peak_mb, parser.get_parsed_content("image_size")
+
+
 def part_pretrain_vit(context: Context, result: PartResult) -> Report:
     """configs/pretrain_vit.json: the largest batch that fits, then a few iterations of the workflow."""
     candidates = VIT_BATCHES[:2] if context.quick else VIT_BATCHES if context.cuda else VIT_BATCHES[:1]
@@ -527,21 +545,17 @@ def part_pretrain_vit(context: Context, result: PartResult) -> Report:
     if not fitting:
         raise RuntimeError(f"no batch fits ({'; '.join(tried)})")
     iterations = 2 if context.quick else 4
-    overrides = {**_vit_overrides(context), "batch_size": fitting}
-    with tempfile.TemporaryDirectory(dir=context.scratch) as temporary:
-        parser, trainer = build_trainer(Path(temporary), "vit", overrides, ("pretrain.json", "pretrain_vit.json"))
-        peaks = _PeakPerIteration(trainer, context.device)
-        detach = _stop_after(trainer, 1)
-        trainer.run()  # warm-up iteration
-        detach()
-        detach = _stop_after(trainer, iterations)
-        with _iteration_timer(trainer, context.device) as times:
-            trainer.run()
-        detach()
-        _end(trainer)
-        image_size = parser.get_parsed_content("image_size")
+    while True:  # the workflow holds a little more than the probe (loader, GradScaler): halved until it fits
+        try:
+            times, peak, image_size = _vit_workflow(context, fitting, iterations)
+            break
+        except RuntimeError as error:
+            if not _is_out_of_memory(error) or fitting < 4:
+                raise
+        _free_memory()
+        tried.append(f"{fitting} in the workflow: out of memory")
+        fitting //= 2
     seconds = statistics.median(times)
-    peak = peaks.peak_mb
     report = Report(result.title)
     report.figures.update(batch_size=fitting, image_size=image_size, s_per_iteration=round(seconds, 4),
                           iterations_timed=len(times), peak_memory_mb=peak)

@@ -242,3 +242,24 @@ def test_objective_statistics_are_read_generically() -> None:
 
     assert gpu_check.objective_statistics(Objective()) == {
         "match_accuracy": 0.5, "gradient_norms.vertex": 1.0, "gradient_norms.edge": 2.0}
+
+
+def test_the_vit_batch_is_the_largest_that_fits_in_the_workflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    probed = []
+
+    def fits(context: gpu_check.Context, batch: int) -> bool:
+        probed.append(batch)
+        return batch <= 8
+
+    def workflow(context: gpu_check.Context, batch: int, iterations: int) -> tuple[list[float], float | None, int]:
+        if batch > 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return [0.5] * iterations, 1000.0, 1024
+
+    monkeypatch.setattr(gpu_check, "_vit_step_fits", fits)
+    monkeypatch.setattr(gpu_check, "_vit_workflow", workflow)
+    context = gpu_check.Context(torch.device("cuda"), quick=False, scratch=tmp_path)
+    report = gpu_check.part_pretrain_vit(context, gpu_check.PartResult("pretrain_vit", "ViT"))
+    assert probed == [2, 4, 8, 16]  # doubled until the first step that does not fit
+    assert report.figures["batch_size"] == 4 and report.figures["s_per_iteration"] == 0.5
+    assert "8 in the workflow: out of memory" in report.render()
