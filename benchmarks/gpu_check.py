@@ -171,21 +171,20 @@ def _device_override(device: torch.device) -> dict[str, object]:
     return {"device": f"$torch.device({str(device)!r})", "train#trainer#amp": device.type == "cuda"}
 
 
-def _flatten(name: str, value: object, into: dict[str, float]) -> None:
+def _flatten(name: str, value: object, into: dict[str, torch.Tensor | float]) -> None:
+    """Numbers and one-element tensors under ``name``; mappings of them under ``name.key``; anything else left out.
+    Tensors stay tensors (detached copies): reading them would synchronise the device."""
     if isinstance(value, Mapping):
         for key, item in value.items():
             _flatten(f"{name}.{key}", item, into)
     elif isinstance(value, torch.Tensor) and value.numel() == 1:
-        into[name] = float(value.detach().float().cpu())
+        into[name] = value.detach().reshape(()).clone()
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         into[name] = float(value)
 
 
-def objective_statistics(objective: torch.nn.Module) -> dict[str, float]:
-    """Every numeric statistic an objective exposes for its last step: its attributes named ``last_*`` (numbers,
-    one-element tensors, or mappings of them, flattened as ``name.key``), without the prefix. Read generically,
-    so that statistics the objective gains (the per-path gradient norms) appear without a change here."""
-    values: dict[str, float] = {}
+def _statistic_values(objective: torch.nn.Module) -> dict[str, torch.Tensor | float]:
+    values: dict[str, torch.Tensor | float] = {}
     for name in dir(objective):
         if name.startswith("last_"):
             try:
@@ -196,11 +195,19 @@ def objective_statistics(objective: torch.nn.Module) -> dict[str, float]:
     return values
 
 
+def objective_statistics(objective: torch.nn.Module) -> dict[str, float]:
+    """Every numeric statistic an objective exposes for its last step: its attributes named ``last_*`` (numbers,
+    one-element tensors, or mappings of them, flattened as ``name.key``), without the prefix. Read generically,
+    so that statistics the objective gains (the per-path gradient norms) appear without a change here. NaN is
+    the objective's "no value on this step" (``ObjectiveStats`` does not count it)."""
+    return {name: float(value) for name, value in _statistic_values(objective).items()}
+
+
 def _numeric(metrics: Mapping[str, object]) -> dict[str, float]:
-    values: dict[str, float] = {}
+    values: dict[str, torch.Tensor | float] = {}
     for name, value in metrics.items():
         _flatten(name, value, values)
-    return values
+    return {name: float(value) for name, value in values.items()}
 
 
 def _verdict(met: bool | None) -> str:
@@ -320,7 +327,7 @@ def part_pretrain(context: Context, result: PartResult) -> Report:
     overrides.update({"loss#graph_size": 16, "monitor_interval": None, "data_root": str(context.data)})
     peaks: dict[str, _PeakPerIteration] = {}
     losses: dict[str, list[torch.Tensor]] = {}
-    statistics_seen: list[dict[str, float]] = []
+    per_step: list[dict[str, torch.Tensor | float]] = []  # LVM-Med's statistics after each iteration
     metrics: dict[str, dict[str, float]] = {}
 
     def on_trainer(name: str, trainer: Engine) -> None:
@@ -328,11 +335,13 @@ def part_pretrain(context: Context, result: PartResult) -> Report:
         losses[name] = []
         trainer.add_event_handler(Events.ITERATION_COMPLETED,
                                   lambda engine: losses[name].append(engine.state.output["loss"].detach()))
+        if name == "LVM-Med":
+            objective = trainer.network.objective
+            trainer.add_event_handler(Events.ITERATION_COMPLETED,
+                                      lambda engine: per_step.append(_statistic_values(objective)))
 
     def after_block(name: str, trainer: Engine) -> None:
         metrics[name] = _numeric(trainer.state.metrics)
-        if name == "LVM-Med":
-            statistics_seen.append(objective_statistics(trainer.network.objective))
 
     # each block is 2 x iterations; stop starting blocks when less than ~1.5 blocks of the share are left
     measured = demo_share.measure(overrides, iterations, blocks, warmup, context.device,
@@ -346,46 +355,61 @@ def part_pretrain(context: Context, result: PartResult) -> Report:
         report.figures[f"{key}_peak_memory_mb"] = peaks[name].peak_mb
     report.figures["objective_share"] = round(measured.share, 4)
     report.figures["warmup_s"] = round(sum(measured.warmup_seconds.values()), 2)
-    finite = {}
+    finite, loss_values = {}, {}
     for name, values in losses.items():
         stacked = torch.stack([value.float().reshape(()) for value in values])  # one read of the device
         finite[name] = bool(torch.isfinite(stacked).all())
+        loss_values[name] = stacked.tolist()
         key = name.lower().replace("-", "")
-        report.figures[f"{key}_loss_first"] = float(stacked[0])
-        report.figures[f"{key}_loss_last"] = float(stacked[-1])
-    objective_values: dict[str, list[float]] = {}
-    for seen in statistics_seen:
-        for key, value in seen.items():
-            objective_values.setdefault(key, []).append(value)
+        report.figures[f"{key}_loss_first"] = loss_values[name][0]
+        report.figures[f"{key}_loss_last"] = loss_values[name][-1]
+    recorded: dict[str, list[float]] = {}
+    for step in per_step:
+        for key, value in step.items():
+            recorded.setdefault(key, []).append(float(value))
     for key, value in metrics.get("LVM-Med", {}).items():
-        objective_values.setdefault(f"epoch mean {key}", []).append(value)
-    table = Table("LVM-Med: loss, peak memory and the objective's statistics (last step of each timed block; "
-                  "ObjectiveStats' epoch means)", ["quantity", "values", "finite"])
+        recorded[f"epoch mean {key}"] = [value]
+    table = Table("Loss and peak memory of both sides, LVM-Med's objective statistics, at every iteration (warm-up "
+                  "included; NaN, the objective's \"no value on this step\", not counted), and ObjectiveStats' last "
+                  "epoch means",
+                  ["quantity", "steps with a value", "min", "mean", "max", "finite"])
     for name in measured.records:
-        table.add(f"{name} loss, first -> last iteration",
-                  f"{report.figures[name.lower().replace('-', '') + '_loss_first']:.4g} -> "
-                  f"{report.figures[name.lower().replace('-', '') + '_loss_last']:.4g}", finite[name])
-        peak = peaks[name].peak_mb
-        table.add(f"{name} peak memory per iteration (CUDA allocator, MB)",
-                  "not measured on the CPU" if peak is None else f"{peak:,.0f}", "-")
-    gradient_norms = {}
-    for key, values in sorted(objective_values.items()):
-        ok = all(math.isfinite(value) for value in values)
-        table.add(key, ", ".join(f"{value:.4g}" for value in values), ok)
-        report.figures[f"statistic {key}"] = values[-1]
+        values = loss_values[name]
+        table.add(f"{name} loss", len(values), f"{min(values):.4g}", f"{statistics.fmean(values):.4g}",
+                  f"{max(values):.4g}", finite[name])
+        megabytes = [_megabytes(peak) for peak in peaks[name].peaks]
+        if megabytes:
+            table.add(f"{name} peak memory per iteration (CUDA allocator, MB)", len(megabytes), f"{min(megabytes):,.0f}",
+                      f"{statistics.fmean(megabytes):,.0f}", f"{max(megabytes):,.0f}", "-")
+    finite_statistics, gradient_norms = {}, {}
+    for key, values in sorted(recorded.items()):
+        present = [value for value in values if not math.isnan(value)]
+        ok = all(math.isfinite(value) for value in present)
+        finite_statistics[key] = ok
+        if present:
+            table.add(key, f"{len(present)} of {len(values)}", f"{min(present):.4g}", f"{statistics.fmean(present):.4g}",
+                      f"{max(present):.4g}", ok)
+            report.figures[f"statistic {key}"] = statistics.fmean(present)
+        else:
+            table.add(key, f"0 of {len(values)}", "-", "-", "-", "-")
         if "grad" in key and "norm" in key:
-            gradient_norms[key] = ok
+            gradient_norms[key] = (len(present), ok)
     report.tables.append(table)
+    report.notes.append("peak memory: the CUDA allocator's peak within each iteration, of all it holds (both "
+                        "trainers' weights and optimizer states included); the check's own readers of the loss and "
+                        "statistics are handlers of each iteration (timed in the breakdown above)")
     report.targets.append(Target("loss finite at every iteration (both objectives, warm-up included)", str(finite),
                                  "all True", all(finite.values())))
     if gradient_norms:
-        report.targets.append(Target("per-path gradient norms finite", ", ".join(sorted(gradient_norms)),
-                                     "all finite", all(gradient_norms.values())))
+        report.targets.append(Target(
+            "per-path gradient norms finite on every step that recorded them",
+            ", ".join(f"{key}: {count} steps" for key, (count, _) in sorted(gradient_norms.items())), "all finite",
+            all(count > 0 and ok for count, ok in gradient_norms.values())))
     else:
         report.targets.append(Target("per-path gradient norms finite", "the objective exposes no gradient norm",
                                      "all finite", None))
-    report.targets.append(Target("objective statistics finite", f"{len(objective_values)} statistics", "all finite",
-                                 all(math.isfinite(v) for values in objective_values.values() for v in values)))
+    report.targets.append(Target("objective statistics finite", f"{len(finite_statistics)} statistics", "all finite",
+                                 all(finite_statistics.values())))
     return report
 
 
