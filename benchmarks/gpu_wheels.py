@@ -101,23 +101,22 @@ def pins(names: tuple[str, ...] = WHEELS, requirements: Path = REPO_ROOT / "requ
 
 
 def download(destination: Path) -> list[Path]:
-    """Downloads the wheels of :func:`pins` into ``destination`` (removing wheels of earlier lists) and
-    returns their paths."""
+    """Downloads the wheels of :func:`pins` into ``destination`` (after removing any other wheel there: an earlier
+    list's or version's, which ``--no-index`` would install beside them) and returns their paths."""
     destination.mkdir(parents=True, exist_ok=True)
+    wanted = dict(pin.split("==") for pin in pins())
+    wanted = {normalise(name): version for name, version in wanted.items()}
+    for wheel in destination.glob("*.whl"):
+        name, version = wheel.name.split("-")[:2]
+        if wanted.get(normalise(name)) != version:
+            wheel.unlink()
     command = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
                "--only-binary=:all:", "--python-version", PYTHON_VERSION, "--implementation", "cp",
                "--abi", f"cp{PYTHON_VERSION.replace('.', '')}", "--dest", str(destination)]
     for platform in PLATFORMS:
         command += ["--platform", platform]
     subprocess.run(command + pins(), check=True)
-    wanted = {normalise(name) for name in WHEELS}
-    wheels = []
-    for wheel in sorted(destination.glob("*.whl")):
-        if normalise(wheel.name.split("-", 1)[0]) in wanted:
-            wheels.append(wheel)
-        else:
-            wheel.unlink()  # a wheel the list no longer names
-    return wheels
+    return sorted(destination.glob("*.whl"))
 
 
 def main() -> None:
