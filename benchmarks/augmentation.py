@@ -6,7 +6,9 @@ views): per sample, each source through ``TwoViewAugmentd`` (the per-sample path
 batched, one call of ``BatchTwoViewAugment`` on the collated batch (the default path, run in the trainer's
 ``prepare_batch``). Both draw the same recipe (crop 25-100 %, flip, jitter 80 %, blur 50 %). Views 224 x 224
 from 256 x 256 sources and 64 x 64 from 128 x 128 (the config's ``source_size``, twice the view), grey
-(1 channel, most medical images) and colour (3), batch 16 (the config's).
+(1 channel, most medical images) and colour (3), batch 16 (the config's). On CUDA, the batched path on batches
+of 256 sources already on the device, beside the per-view path (:func:`device_rates`, which
+``benchmarks.gpu_check`` also runs).
 
 Targets (issue 14): batched >= 10x the per-sample throughput on one CPU core at 224 x 224; >= 5,000 samples/s
 on a GPU (batch 256 at 224 x 224, when one is present).
