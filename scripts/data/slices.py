@@ -58,6 +58,10 @@ def _slice_count(image: _Image) -> int:
         if len(shape) == 2:
             raise ImageReadError(path, f"2D image of shape {shape} in the 3D dataset {entry.name!r} "
                                        "(set the dataset's dimension to 2)")
+        if image.header.channels > 1 and entry.slice_axis != 2:
+            raise ImageReadError(path, f"colour volume of shape {shape} (a cine loop: rows, columns, frames) in the "
+                                       f"dataset {entry.name!r} with slice_axis {entry.slice_axis}: colour volumes are "
+                                       "cut into their frames only (slice_axis 2)")
         plane = tuple(s for axis, s in enumerate(shape) if axis != entry.slice_axis)
         count = shape[entry.slice_axis]
     if min(plane) < 2:
@@ -66,7 +70,8 @@ def _slice_count(image: _Image) -> int:
 
 
 class PretrainSliceDataset(Dataset):
-    """2D pretraining samples from a manifest: each 2D image is one sample, each 3D volume one per slice.
+    """2D pretraining samples from a manifest: each 2D image is one sample, each 3D volume one per slice (each
+    frame of a colour cine loop is one RGB sample).
 
     A sample is the dict ``{"image": float32 tensor (C, H, W) in [0, 1] (C = 1 grey, 3 colour), "modality": str,
     "label": str, "source": str (the file, or the folder of a DICOM series), "slice": int (index along the
@@ -185,10 +190,11 @@ class PretrainSliceDataset(Dataset):
         mask = values > self.foreground_level
         if entry.dimension == 2:
             return np.array([mask.mean()])
-        return mask.mean(axis=tuple(axis for axis in range(3) if axis != entry.slice_axis))
+        return mask.mean(axis=tuple(axis for axis in range(mask.ndim) if axis != entry.slice_axis))
 
     def _values(self, number: int) -> np.ndarray:
-        """Normalised values of image ``number``: (C, H, W) for 2D, the whole volume for 3D; LRU-cached."""
+        """Normalised values of image ``number``: (C, H, W) for 2D, the whole volume for 3D ((H, W, D) grey,
+        (H, W, T, 3) colour); LRU-cached."""
         if number in self._cache:
             self._cache.move_to_end(number)
             return self._cache[number]
@@ -213,7 +219,7 @@ class PretrainSliceDataset(Dataset):
         if image.entry.dimension == 2:
             pixels = values.copy()
         else:
-            pixels = np.take(values, slice_index, axis=image.entry.slice_axis)[None]
+            pixels = to_channel_first(np.take(values, slice_index, axis=image.entry.slice_axis))
         sample = {
             "image": torch.from_numpy(np.ascontiguousarray(pixels)),
             "modality": image.entry.modality,
