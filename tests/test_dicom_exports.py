@@ -112,7 +112,8 @@ def test_cine_loops_give_one_rgb_pretraining_sample_per_frame(tmp_path: Path) ->
     first, second = _cine_exam(tmp_path / "exam")
     entries, unreadable = make_manifest(tmp_path / "exam", tmp_path / "manifest.json")
     assert not unreadable and len(entries) == 1
-    assert (entries[0].modality, entries[0].dimension, entries[0].format) == ("ultrasound", 3, "dicom-series")
+    entry = entries[0].entry
+    assert (entry.modality, entry.dimension, entry.format) == ("ultrasound", 3, "dicom-series")
     dataset = PretrainSliceDataset(tmp_path / "manifest.json", on_error="raise", header_cache=False)
     assert len(dataset) == 5 + 3 and not dataset.skipped
     samples = [dataset[i] for i in range(len(dataset))]

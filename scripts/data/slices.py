@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from scripts.data.folder_scan import NOT_FOUND, modality_hint, scan_folder
 from scripts.data.header_cache import HeaderCache, header_cache_path
 from scripts.data.intensity import normalise_intensity, to_channel_first
 from scripts.data.manifest import SourceDataset, load_manifest
@@ -79,7 +80,9 @@ class PretrainSliceDataset(Dataset):
     are normalised per image or per whole volume (:mod:`scripts.data.intensity`).
 
     Args:
-        manifest: a manifest file (JSON or CSV) or its entries.
+        manifest: a manifest file (JSON or CSV), its entries, or a folder of images, scanned into entries as
+            ``python -m scripts.make_manifest`` does (:func:`scripts.data.folder_scan.scan_folder`; nothing is
+            written into it).
         transform: a callable applied to each sample dict (e.g. a MONAI ``Compose`` ending in
             ``TwoViewAugmentd``).
         min_foreground: keep only slices (and 2D images) whose share of foreground pixels is at least this;
@@ -92,10 +95,12 @@ class PretrainSliceDataset(Dataset):
         verify_data: read every image's data at construction (slower; also finds corrupt compressed data and
             NaN/Inf values).
         header_cache: where headers are remembered between runs: True for ``<manifest>.headers.json`` beside a
-            manifest file (none when ``manifest`` is a list of entries), a path for that file, False for none.
+            manifest file (none for a folder or a list of entries), a path for that file, False for none.
 
     Attributes:
         skipped: ``(path, reason)`` of every image or entry left out.
+        modality_sources: entry name -> how its modality was found (``"manifest"`` for a manifest's entries, the
+            rule of :mod:`scripts.data.folder_scan` for a scanned folder's).
         headers_reused, headers_read: headers taken from the header cache / read from the files.
     """
 
@@ -117,7 +122,20 @@ class PretrainSliceDataset(Dataset):
             raise ValueError(f"min_foreground must lie in [0, 1], got {min_foreground}")
         if cache_size < 0:
             raise ValueError(f"cache_size must be >= 0, got {cache_size}")
-        self.entries = load_manifest(manifest) if isinstance(manifest, (str, Path)) else list(manifest)
+        folder = isinstance(manifest, (str, Path)) and Path(manifest).is_dir()
+        if folder:
+            scanned, _ = scan_folder(manifest)  # unreadable files are reported when their headers are read below
+            self.entries = [item.entry for item in scanned]
+            self.modality_sources = {item.entry.name: item.modality_source for item in scanned}
+            for item in scanned:
+                logger.info("%s: dataset %r, %s, modality %s (from %s)", manifest, item.entry.name,
+                            f"{item.entry.dimension}D", item.entry.modality, item.modality_source)
+            unknown = [name for name, source in self.modality_sources.items() if source == NOT_FOUND]
+            if unknown:
+                logger.warning("%s: %s", manifest, modality_hint(unknown))
+        else:
+            self.entries = load_manifest(manifest) if isinstance(manifest, (str, Path)) else list(manifest)
+            self.modality_sources = {entry.name: "manifest" for entry in self.entries}
         self.transform = transform
         self.min_foreground = float(min_foreground)
         self.foreground_level = float(foreground_level)
@@ -129,7 +147,7 @@ class PretrainSliceDataset(Dataset):
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         read_data = verify_data or self.min_foreground > 0
         if header_cache is True:
-            cache_file = header_cache_path(manifest) if isinstance(manifest, (str, Path)) else None
+            cache_file = header_cache_path(manifest) if isinstance(manifest, (str, Path)) and not folder else None
         else:
             cache_file = header_cache or None
         self._headers = HeaderCache(cache_file) if cache_file is not None else None
