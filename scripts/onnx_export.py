@@ -235,8 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         elif not loaded_by_network:
             ckpt_file = config.get_parsed_content(weights_key)
         weights = config.get_parsed_content(weights_key)
-        warn_contradictions(weights, read_settings(weights),
-                            **{key.lstrip("-"): _parse_value(value) for key, value in zip(overrides[::2], overrides[1::2])})
+        given = {key.lstrip("-"): _parse_value(value) for key, value in zip(overrides[::2], overrides[1::2])}
+        warn_contradictions(weights, read_settings(weights), **given)
     net_id = args.net_id or net_id
     try:
         network = config.get_parsed_content(net_id)

@@ -76,7 +76,8 @@ def test_class_names_come_from_the_given_names_then_the_datalist_labels(tmp_path
 def test_a_contradicting_value_is_warned_about_naming_both(tmp_path: Path, caplog) -> None:
     stored = {"image_size": 32, "class_names": ["background", "liver"]}
     with caplog.at_level(logging.WARNING, logger="scripts.model_settings"):
-        assert warn_contradictions(tmp_path / "model.pt", stored, image_size=32, class_names=("background", "liver")) == []
+        same = warn_contradictions(tmp_path / "model.pt", stored, image_size=32, class_names=("background", "liver"))
+        assert same == []
         assert not caplog.text
         found = warn_contradictions(tmp_path / "model.pt", stored, image_size=96, normalisation="imagenet")
     assert found == ["image_size=96 (trained with 32)"]
@@ -207,7 +208,8 @@ def test_an_override_that_contradicts_the_stored_settings_is_warned_about(traine
     flow.initialize()
     flow.finalize()
     output = capsys.readouterr().out  # configs/logging.conf logs to stdout
-    assert "WARNING - " in output and "model.pt was trained with other settings than given: image_size=64 (trained with 32)" in output
+    assert "WARNING - " in output
+    assert "model.pt was trained with other settings than given: image_size=64 (trained with 32)" in output
     assert "model.settings.json" in output
 
 
