@@ -18,10 +18,13 @@ import onnx
 import pydicom
 import pytest
 import torch
+from ignite.engine import Events
+from monai.handlers import StatsHandler
 from PIL import Image
 
 from conftest import REPO_ROOT
-from scripts.handlers.checkpoint import AtomicCheckpointSaver, ResumeFromLatest, checkpoints_newest_first
+from scripts.handlers.checkpoint import (AtomicCheckpointSaver, ResumeFromLatest, RunNotResumed,
+                                         checkpoints_newest_first)
 from scripts.model_settings import (ModelSettingsError, class_names, read_settings, run_identity, settings_path,
                                     warn_contradictions, write_settings)
 from scripts.networks.transunet import TransUNet
@@ -127,6 +130,30 @@ def test_the_same_run_resumes_and_a_finished_one_stops_saying_it_would_train_not
         trainer_with(_resuming(tmp_path, settings), max_epochs=2)[0].run()
     assert str(stopped.value).startswith(f"error: nothing to train: the run in {tmp_path} already reached epoch 2")
     assert "--max_epochs above 2" in str(stopped.value) and "--resume False" in str(stopped.value)
+
+
+def test_the_stop_is_one_line_without_the_traceback_statshandler_logs(tmp_path: Path) -> None:
+    trainer_with(_saving(tmp_path, {"num_classes": 3}), max_epochs=1)[0].run()
+    stats, logged = StatsHandler(iteration_log=False, epoch_log=False, name="stats_of_this_test"), []
+    log_exception = stats.exception_raised  # MONAI's StatsHandler logs the exceptions reaching it, with a traceback
+    stats.exception_raised = lambda engine, error: logged.append(error) or log_exception(engine, error)
+
+    def with_stats(model, optimizer):
+        return [*_resuming(tmp_path, {"num_classes": 3})(model, optimizer), stats]
+
+    with pytest.raises(RunNotResumed, match="nothing to train"):
+        trainer_with(with_stats, max_epochs=1)[0].run()
+    assert logged == []
+    with pytest.raises(ZeroDivisionError):  # other errors still reach the StatsHandler, and the caller
+        trainer_with(lambda model, optimizer: [*with_stats(model, optimizer), _Failing()], max_epochs=2)[0].run()
+    assert logged and {type(error) for error in logged} == {ZeroDivisionError}  # (Ignite reports it per loop level)
+
+
+class _Failing:
+    """A handler whose first iteration fails."""
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: 1 / 0)
 
 
 def test_resume_off_moves_the_old_checkpoints_aside_and_trains_from_scratch(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ from monai.handlers import CheckpointLoader
 from scripts.atomic_save import write_atomically
 from scripts.model_settings import differences, run_identity
 
-__all__ = ["AtomicCheckpointSaver", "CheckpointSaveError", "ResumeFromLatest", "RunIdentity",
+__all__ = ["AtomicCheckpointSaver", "CheckpointSaveError", "ResumeFromLatest", "RunIdentity", "RunNotResumed",
            "checkpoints_newest_first", "latest_checkpoint"]
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,11 @@ class RunIdentity:
 
 class CheckpointSaveError(OSError):
     """A checkpoint could not be written (e.g. the disk is full); the message names it and the intact ones."""
+
+
+class RunNotResumed(SystemExit):
+    """The run stops before training: the folder holds another run's checkpoints, or its run already reached
+    ``max_epochs``. ``monai.bundle run`` prints the one-line message and exits with status 1."""
 
 
 def _rank() -> int:
@@ -171,7 +176,7 @@ class ResumeFromLatest:
     run continues where the checkpoint left it; its ``max_epochs`` stays the one of the current run.
 
     With ``run_settings``, the newest readable checkpoint must hold the same run identity (saved by
-    ``AtomicCheckpointSaver`` with the same settings); otherwise the run stops (``SystemExit``, one line naming the
+    ``AtomicCheckpointSaver`` with the same settings); otherwise the run stops (:class:`RunNotResumed`, one line naming the
     folder, what differs and the remedies) before loading anything. It also stops when the loaded checkpoint already
     reached ``max_epochs``: the run would train nothing. With ``resume`` off, the checkpoints found are moved into a
     ``previous_run_<time>`` subfolder (kept, but out of reach of a later resume) and the run starts from scratch.
@@ -202,6 +207,15 @@ class ResumeFromLatest:
         if self.engine_key is not None:
             self.load_dict[self.engine_key] = engine
         engine.add_event_handler(Events.STARTED, self)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._exception_raised)
+
+    def _exception_raised(self, engine: Engine, error: BaseException) -> None:
+        """Re-raises ``RunNotResumed`` at once, so that the exception handlers attached after this one (MONAI's
+        ``StatsHandler`` logs a traceback) do not bury its one-line message; other exceptions are left to those
+        handlers, or re-raised when there are none (Ignite swallows an exception its handlers do not raise)."""
+        handlers = [entry[0] for entry in engine._event_handlers[Events.EXCEPTION_RAISED]]
+        if isinstance(error, RunNotResumed) or handlers == [self._exception_raised]:
+            raise error
 
     def __call__(self, engine: Engine) -> None:
         # Ignite has no public listing of an event's handlers; each entry is (handler, args, kwargs)
@@ -230,7 +244,7 @@ class ResumeFromLatest:
                                type(error).__name__, error)
                 continue
             if engine.state.epoch >= max_epochs:
-                raise SystemExit(
+                raise RunNotResumed(
                     f"error: nothing to train: the run in {self.save_dir} already reached epoch {engine.state.epoch} "
                     f"({path.name}) of max_epochs {max_epochs}; give --max_epochs above {engine.state.epoch} to "
                     f"train on, --resume False to train again from the start, or another --output_dir")
@@ -242,7 +256,7 @@ class ResumeFromLatest:
                            "are moved aside), or choose another --output_dir: " + "; ".join(failures))
 
     def _check_identity(self, path: Path, checkpoint: Mapping) -> None:
-        """Stops the run (``SystemExit``) when ``checkpoint`` was not written by a run of this identity."""
+        """Stops the run (:class:`RunNotResumed`) when ``checkpoint`` was not written by a run of this identity."""
         stored = checkpoint.get(_RUN_KEY) if isinstance(checkpoint, Mapping) else None
         if isinstance(stored, Mapping) and stored.get("identity") == self.run.identity:
             return
@@ -250,7 +264,7 @@ class ResumeFromLatest:
             what = "; ".join(differences(stored["settings"], self.run.settings)) or "its identity"
         else:
             what = "it stores no run identity (written by an earlier version of the bundle)"
-        raise SystemExit(f"error: {self.save_dir} holds the checkpoints of another run ({path.name}), which this run "
+        raise RunNotResumed(f"error: {self.save_dir} holds the checkpoints of another run ({path.name}), which this run "
                          f"does not resume: {what}; start this run there afresh with --resume False (the old "
                          "checkpoints are moved aside) or give it another --output_dir")
 
