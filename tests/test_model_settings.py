@@ -293,7 +293,7 @@ def test_rerunning_a_finished_run_stops_instead_of_training_nothing(trained: dic
                     output_dir=str(output_dir), best_model_path=str(tmp_path / "model.pt"), max_epochs=1,
                     val_interval=1, batch_size=4, **SMALL)
     flow.initialize()
-    with pytest.raises(SystemExit, match=r"^error: nothing to train: .* already reached epoch 1 .*--max_epochs above 1"):
+    with pytest.raises(RunNotResumed, match=r"^error: nothing to train: .* reached epoch 1 .*--max_epochs above 1"):
         flow.run()
 
 

@@ -176,8 +176,8 @@ class ResumeFromLatest:
     run continues where the checkpoint left it; its ``max_epochs`` stays the one of the current run.
 
     With ``run_settings``, the newest readable checkpoint must hold the same run identity (saved by
-    ``AtomicCheckpointSaver`` with the same settings); otherwise the run stops (:class:`RunNotResumed`, one line naming the
-    folder, what differs and the remedies) before loading anything. It also stops when the loaded checkpoint already
+    ``AtomicCheckpointSaver`` with the same settings); otherwise the run stops (:class:`RunNotResumed`, one line
+    naming the folder, what differs and the remedies) before loading anything. It also stops when the loaded checkpoint already
     reached ``max_epochs``: the run would train nothing. With ``resume`` off, the checkpoints found are moved into a
     ``previous_run_<time>`` subfolder (kept, but out of reach of a later resume) and the run starts from scratch.
 
@@ -264,9 +264,9 @@ class ResumeFromLatest:
             what = "; ".join(differences(stored["settings"], self.run.settings)) or "its identity"
         else:
             what = "it stores no run identity (written by an earlier version of the bundle)"
-        raise RunNotResumed(f"error: {self.save_dir} holds the checkpoints of another run ({path.name}), which this run "
-                         f"does not resume: {what}; start this run there afresh with --resume False (the old "
-                         "checkpoints are moved aside) or give it another --output_dir")
+        raise RunNotResumed(f"error: {self.save_dir} holds the checkpoints of another run ({path.name}), which this "
+                            f"run does not resume: {what}; start this run there afresh with --resume False (the old "
+                            "checkpoints are moved aside) or give it another --output_dir")
 
     def _move_aside(self, paths: list[Path]) -> None:
         """Moves ``paths`` into a new ``previous_run_<UTC time>`` subfolder (rank 0), where no resume looks."""
