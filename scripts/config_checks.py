@@ -127,6 +127,7 @@ _TRAIN = {
     "checkpoint_interval": Integer(1),
     "non_finite": Choice(("stop", "skip")),
     "pretrained_encoder": ExistingPath(),
+    "resume": Switch(),
 }
 _SEGMENTATION = {
     "volumetric": Switch(),
@@ -162,7 +163,6 @@ SCHEMAS: dict[str, dict[str, Spec]] = {
         "val_interval": Integer(1),
         "validate_at_start": Switch(),
         "max_grad_norm": Number(0, exclusive_minimum=True, optional=True),
-        "resume": Switch(),
         "log_interval": Integer(1),
         "cache_rate": Number(0, 1),
     },

@@ -250,6 +250,11 @@ def test_training_twice_runs_its_epochs_from_the_served_weights_and_updates_them
 def test_serving_and_training_write_nothing_into_the_bundle_but_its_weights(installed, server):
     after = _files_under(installed["bundle"])
     before = installed["bundle_files"]
-    assert set(after) == set(before), sorted(set(after) ^ set(before))
-    changed = sorted(path for path in after if after[path] != before[path])
+    # training writes the weights and, beside them, the settings they were trained with (scripts/model_settings.py)
+    assert set(after) - set(before) <= {"models/model.settings.json"}, sorted(set(after) ^ set(before))
+    assert set(before) <= set(after), sorted(set(before) - set(after))
+    changed = sorted(path for path in before if after[path] != before[path])
     assert changed in ([], ["models/model.pt"]), changed
+    if "models/model.settings.json" in after:  # the served labels are stored as the model's class names
+        settings = json.loads((installed["bundle"] / "models" / "model.settings.json").read_text())
+        assert settings["class_names"] == ["background", "dim object", "bright object"]
