@@ -183,7 +183,7 @@ _CONFIG_NETWORKS = {
     "evaluate.json": ("network_def", "checkpoint", False),
     "inference_cls.json": ("trained_network", None, False),
     "inference_det.json": ("trained_network", None, False),
-    "inference_prompt_seg.json": ("network_def", None, True),
+    "inference_prompt_seg.json": ("trained_network", None, True),
 }
 
 
