@@ -132,6 +132,7 @@ _TRAIN = {
     "checkpoint_interval": Integer(1),
     "non_finite": Choice(("stop", "skip")),
     "pretrained_encoder": ExistingPath(),
+    "progress_bar": Switch(),
 }
 _SEGMENTATION = {
     "volumetric": Switch(),
@@ -140,7 +141,7 @@ _SEGMENTATION = {
     "num_classes": Integer(2),
     "slice_axis": Integer(0, 2),
 }
-_INFERENCE = {"stop_on_error": Switch()}
+_INFERENCE = {"stop_on_error": Switch(), "progress_bar": Switch()}
 _PROMPT = {
     "encoder_image_size": Integer(16),
     "encoder_use_abs_pos": Switch(),
@@ -153,7 +154,6 @@ SCHEMAS: dict[str, dict[str, Spec]] = {
         "max_grad_norm": Number(0, exclusive_minimum=True, optional=True),
         "log_interval": Integer(1),
         "monitor_interval": Integer(1, optional=True),
-        "progress_bar": Switch(),
         "balance_modalities": Switch(),
         "embedding_dim": Integer(1),
         "augmentation": Choice(("batched", "per_sample")),
@@ -171,7 +171,7 @@ SCHEMAS: dict[str, dict[str, Spec]] = {
     },
     # the weights file is required when the run starts (scripts.required_weights names the command that makes it),
     # not at initialize, so that MONAI's checks and MONAI Label can read a bundle without its weights
-    "evaluate": {**_RUN, **_SEGMENTATION},
+    "evaluate": {**_RUN, **_SEGMENTATION, "progress_bar": Switch()},
     "inference": {**_RUN, **_SEGMENTATION, **_INFERENCE, "separate_folder": Switch(), "dicom_seg": Switch()},
     "train_cls": {
         **_TRAIN,
@@ -209,7 +209,6 @@ SCHEMAS: dict[str, dict[str, Spec]] = {
         "max_box_margin": Integer(0),
         "box_margin_reference_size": Integer(1),
         "log_interval": Integer(1),
-        "progress_bar": Switch(),
     },
     "inference_prompt_seg": {
         **_PROMPT, **_INFERENCE,
