@@ -27,7 +27,7 @@ from monai.bundle import ConfigParser
 from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS
 
 __all__ = ["SCHEMAS", "ConfigValueError", "Choice", "ExistingPath", "Integer", "Number", "Switch",
-           "TRACKING_KEYS", "check_config", "check_values", "unknown_keys"]
+           "TRACKING_KEYS", "check_config", "evaluating_parser", "check_values", "unknown_keys"]
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 # top-level keys ``monai.bundle run --tracking NAME`` adds to a config (its settings' "configs" that are not handlers)
@@ -254,14 +254,15 @@ def _file_keys(config_names: Sequence[str]) -> list[str]:
     return list(keys)
 
 
-def _evaluating_parser() -> ConfigParser:
+def evaluating_parser() -> ConfigParser:
+    """The ``ConfigParser`` evaluating the config expression that (indirectly) calls this, found on the call stack."""
     frame = inspect.currentframe()
     while frame is not None:
         candidate = frame.f_locals.get("self")
         if isinstance(candidate, ConfigParser):
             return candidate
         frame = frame.f_back
-    raise RuntimeError("check_config must be called from a config expression (e.g. the config's 'initialize' list)")
+    raise RuntimeError("must be called from a config expression (e.g. the config's 'initialize' or 'run' list)")
 
 
 def check_config(*config_names: str, parser: ConfigParser | None = None) -> None:
@@ -280,7 +281,7 @@ def check_config(*config_names: str, parser: ConfigParser | None = None) -> None
     """
     if not config_names or config_names[0] not in SCHEMAS:
         raise ValueError(f"check_config needs a config name among {sorted(SCHEMAS)}, got {config_names!r}")
-    parser = parser if parser is not None else _evaluating_parser()
+    parser = parser if parser is not None else evaluating_parser()
     present = [key for key in parser.config if isinstance(key, str)]
     files = ", ".join(f"configs/{name}.json" for name in config_names)
     unknown = unknown_keys(present, [*_file_keys(config_names), *TRACKING_KEYS])
