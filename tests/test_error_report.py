@@ -3,6 +3,7 @@ traceback only with ``LVMMED_DEBUG=1`` (scripts/error_report.py); a misspelt ove
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -76,6 +77,19 @@ def test_empty_folder(tmp_path: Path) -> None:
     lines = error_lines(bundle_run(tmp_path, "inference.json", "--dataset_dir", str(empty),
                                    "--checkpoint", str(weights)))
     assert lines[0] == f"SegmentationDataError: input folder {empty} holds no PNG, JPEG, NIfTI or DICOM image"
+
+
+def test_a_single_unreadable_inference_input_is_named_first_and_listed(tmp_path: Path) -> None:
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    image = png(folder / "rgba.png", (40, 40, 4), "RGBA")
+    weights = tmp_path / "model.pt"  # the run stops at the input check, before the weights are read
+    weights.touch()
+    lines = error_lines(bundle_run(tmp_path, "inference.json", "--dataset_dir", str(folder),
+                                   "--checkpoint", str(weights)))
+    assert lines[0].startswith(f"InputFailureError: SegmentationDataError: {image}: image has"), lines[0]
+    rows = list(csv.DictReader((tmp_path / "run" / "failed_inputs.csv").open()))
+    assert [row["input"] for row in rows] == [str(image)]
 
 
 def test_missing_pretrained_encoder_with_the_traceback_on_request(tmp_path: Path) -> None:
