@@ -186,7 +186,7 @@ _CONFIG_NETWORKS = {
     "evaluate.json": ("network_def", "checkpoint", False, False),
     "inference_cls.json": ("trained_network", "model_path", True, False),
     "inference_det.json": ("trained_network", "model_path", True, False),
-    "inference_prompt_seg.json": ("network_def", "model_path", True, True),
+    "inference_prompt_seg.json": ("trained_network", "model_path", True, True),
 }
 
 

@@ -194,7 +194,10 @@ def test_inference_of_one_image_given_as_datalist(trained: dict[str, Path], data
     image = next((data_2d / "imagesTs").iterdir())
     run(workflow("inference.json", "infer", datalist=[{"image": str(image)}],
                  checkpoint=str(trained["best_model_path"]), output_dir=str(tmp_path), **TINY))
-    assert [p.name for p in tmp_path.iterdir()] == [image.name.replace(".png", "_seg.png")]
+    # the mask, and the failure summary every inference run writes (its header only here)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([image.name.replace(".png", "_seg.png"),
+                                                                 "failed_inputs.csv"])
+    assert (tmp_path / "failed_inputs.csv").read_text().splitlines() == ["input,reason"]
 
 
 def parse_error(flow: ConfigWorkflow, id: str) -> BaseException:
