@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -23,6 +21,7 @@ from conftest import REPO_ROOT
 from scripts.classification.datalist import class_folder_datalist, class_names, load_split
 from scripts.config_checks import ConfigValueError
 from scripts.data.layouts import LayoutError, class_folder_splits, draw_validation
+from scripts.make_datalist import main as make_datalist_main
 from scripts.make_datalist import make_datalist
 from scripts.segmentation.datalist import SegmentationDataError, check_items, dataset_splits, inference_items
 from test_seg_workflows import run, workflow
@@ -186,7 +185,6 @@ def test_pair_folders_match_masks_by_name_and_read_test_images_without_masks(tmp
     ("no mask folder", r"imagesTr: no mask folder beside it \(expected labelsTr/ or masksTr/\)"),
     ("two masks", r"p0_seg\.png: a second mask for the image named 'p0'"),
     ("not a layout", r"plain: not a dataset folder: it holds no dataset\.json or datalist\.json"),
-    ("one case", r"pairs: 1 training item\(s\) cannot be split into training and validation"),
 ])
 def test_bad_pair_layouts_stop_with_one_line_naming_the_file(tmp_path: Path, problem: str, message: str) -> None:
     root = pairs_folder(tmp_path / "pairs", cases=2)
@@ -202,24 +200,21 @@ def test_bad_pair_layouts_stop_with_one_line_naming_the_file(tmp_path: Path, pro
         (root / "labelsTr").rmdir()
     elif problem == "two masks":
         png_pair(root / "spare.png", root / "labelsTr" / "p0_seg.png")
-    elif problem == "not a layout":
+    else:
         source = tmp_path / "plain"
         png_pair(source / "a.png", None)
-    else:
-        (root / "imagesTr" / "p1.png").unlink()
     with pytest.raises(SegmentationDataError, match=message) as raised:
         dataset_splits(source, validation_fraction=0.2, seed=0)
     assert "\n" not in str(raised.value)
 
 
-def test_make_datalist_writes_relative_paths_that_read_back_and_nothing_into_the_folder(tmp_path: Path) -> None:
+def test_make_datalist_writes_relative_paths_that_read_back_and_nothing_into_the_folder(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     root = pairs_folder(tmp_path / "pairs")
     before = snapshot(root)
     output = tmp_path / "lists" / "datalist.json"
-    result = subprocess.run([sys.executable, "-m", "scripts.make_datalist", str(root), "--output", str(output),
-                             "--validation_fraction", "0.25"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"wrote {output}: 3 training, 1 validation, 1 test"
+    assert make_datalist_main([str(root), "--output", str(output), "--validation_fraction", "0.25"]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {output}: 3 training, 1 validation, 1 test"
     document = json.loads(output.read_text())
     assert {"image": "../pairs/imagesTr/p0.png", "label": "../pairs/labelsTr/p0_mask.png"} in \
         document["training"] + document["validation"]
@@ -228,9 +223,9 @@ def test_make_datalist_writes_relative_paths_that_read_back_and_nothing_into_the
     assert make_datalist(root, tmp_path / "no_validation.json") == {"training": 4, "test": 1}
 
     (tmp_path / "empty").mkdir()
-    failed = subprocess.run([sys.executable, "-m", "scripts.make_datalist", str(tmp_path / "empty"), "--output",
-                             str(tmp_path / "x.json")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-    assert failed.returncode == 2 and failed.stderr.startswith(f"error: {tmp_path / 'empty'}: not a dataset folder")
+    assert make_datalist_main([str(tmp_path / "empty"), "--output", str(tmp_path / "x.json")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'empty'}: not a dataset folder")
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_multi_gpu_overlay_reads_a_pair_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -316,7 +311,10 @@ def test_bad_class_folders_stop_with_one_line_naming_the_folder(tmp_path: Path, 
     assert "\n" not in str(raised.value)
 
 
-def test_draw_validation_refuses_a_fraction_of_one() -> None:
+def test_draw_validation_keeps_order_holds_one_out_at_least_and_refuses_a_fraction_of_one() -> None:
+    training, validation = draw_validation(list(range(10)), 0.01, 0, "data")
+    assert len(validation) == 1 and training == sorted(training) and sorted(training + validation) == list(range(10))
+    assert draw_validation([7], 0.5, 0, "data") == ([7], [])  # a single item is kept for training, with a warning
     with pytest.raises(LayoutError, match=r"data: validation_fraction must lie in \[0, 1\), got 1.0"):
         draw_validation([1, 2, 3], 1.0, 0, "data")
 
@@ -338,7 +336,6 @@ def _segment(tmp_path: Path, data: dict, evaluate_split: str, settings: dict) ->
     return tmp_path / "masks"
 
 
-@pytest.mark.slow
 def test_msd_multichannel_volumes_train_evaluate_and_segment_in_their_geometry(tmp_path: Path) -> None:
     root = msd_folder(tmp_path / "Task01_Tiny")
     before = snapshot(root)
@@ -351,7 +348,6 @@ def test_msd_multichannel_volumes_train_evaluate_and_segment_in_their_geometry(t
     assert snapshot(root) == before
 
 
-@pytest.mark.slow
 def test_pair_folder_trains_evaluates_and_segments_pngs_at_their_size(tmp_path: Path) -> None:
     root = pairs_folder(tmp_path / "pairs")
     before = snapshot(root)
@@ -362,7 +358,6 @@ def test_pair_folder_trains_evaluates_and_segments_pngs_at_their_size(tmp_path: 
     assert snapshot(root) == before
 
 
-@pytest.mark.slow
 def test_datalist_json_elsewhere_trains_evaluates_and_segments(tmp_path: Path) -> None:
     data = tmp_path / "project"
     for number in range(4):
@@ -379,7 +374,6 @@ def test_datalist_json_elsewhere_trains_evaluates_and_segments(tmp_path: Path) -
         assert mask.size == (40, 24)
 
 
-@pytest.mark.slow
 def test_class_folders_train_and_infer_with_the_folder_names(tmp_path: Path) -> None:
     root = class_folder(tmp_path / "mine")
     before = snapshot(root)

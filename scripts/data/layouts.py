@@ -157,7 +157,7 @@ def pair_items(image_dir: str | os.PathLike, mask_dir: str | os.PathLike | None)
 def draw_validation(items: Sequence[Any], fraction: float, seed: int, where: str) -> tuple[list, list]:
     """(training, validation): a seeded random ``fraction`` of ``items`` held out for validation by MONAI's
     ``partition_dataset``, at least one item when ``fraction`` > 0 and one is left for training; the same
-    ``seed`` always draws the same items. ``fraction`` 0 holds out nothing.
+    ``seed`` always draws the same items. ``fraction`` 0, or a single item (with a warning), holds out nothing.
 
     Args:
         items: the training items.
@@ -166,15 +166,16 @@ def draw_validation(items: Sequence[Any], fraction: float, seed: int, where: str
         where: the dataset, for messages.
 
     Raises:
-        LayoutError: ``fraction`` outside [0, 1), or fewer than two items to split.
+        LayoutError: ``fraction`` outside [0, 1).
     """
     if not 0.0 <= fraction < 1.0:
         raise LayoutError(f"{where}: validation_fraction must lie in [0, 1), got {fraction}")
     if fraction == 0.0:
         return list(items), []
     if len(items) < 2:
-        raise LayoutError(f"{where}: {len(items)} training item(s) cannot be split into training and validation "
-                          "(validation_fraction > 0); add items or a validation split")
+        logger.warning("%s: %d training item(s), none held out for validation (validation_fraction %s); add items or "
+                       "a validation split to validate", where, len(items), fraction)
+        return list(items), []
     held_out = min(len(items) - 1, max(1, round(fraction * len(items))))
     _, drawn = partition_dataset(list(range(len(items))), ratios=[len(items) - held_out, held_out], shuffle=True,
                                  seed=seed)
