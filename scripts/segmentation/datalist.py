@@ -53,11 +53,15 @@ class DataSplits(dict):
     Args:
         source: the datalist file or folder the splits come from (for messages).
         splits: the items of each split.
+        datalist_file: the JSON file read (which may name the classes under ``labels``, as the MSD's do), None for
+            a folder of image/mask pairs.
     """
 
-    def __init__(self, source: str | os.PathLike, splits: Mapping[str, list[dict]]) -> None:
+    def __init__(self, source: str | os.PathLike, splits: Mapping[str, list[dict]],
+                 datalist_file: Path | None = None) -> None:
         super().__init__(splits)
         self.source = str(source)
+        self.datalist_file = datalist_file
 
     def __missing__(self, split: str) -> list[dict]:
         raise SegmentationDataError(f"{self.source}: no split {split!r}; it has {', '.join(map(repr, self)) or 'none'}")
@@ -99,15 +103,15 @@ def _json_splits(path: Path) -> dict[str, list[dict]]:
     return splits
 
 
-def _layout_splits(source: Path) -> tuple[str, dict[str, list[dict]]]:
-    """(what the source is, for the log; its splits)."""
+def _layout_splits(source: Path) -> tuple[Path | None, dict[str, list[dict]]]:
+    """(the datalist JSON read, None for image/mask folders; the splits)."""
     if source.is_file():
-        return "datalist", _json_splits(source)
+        return source, _json_splits(source)
     if not source.is_dir():
         raise SegmentationDataError(f"{source}: no such datalist file or dataset folder")
     for name in DATALIST_NAMES:
         if (source / name).is_file():
-            return f"datalist {name}", _json_splits(source / name)
+            return source / name, _json_splits(source / name)
     try:
         folders = pair_folders(source)
         splits = {split: pair_items(images, masks) for split, (images, masks) in folders.items()}
@@ -116,7 +120,7 @@ def _layout_splits(source: Path) -> tuple[str, dict[str, list[dict]]]:
     if not folders:
         raise SegmentationDataError(f"{source}: not a dataset folder: it holds no {' or '.join(DATALIST_NAMES)} and "
                                     "no image/mask folders (imagesTr/ + labelsTr/, images/ + masks/ ...)")
-    return "image/mask folders", splits
+    return None, splits
 
 
 def dataset_splits(source: str | os.PathLike, validation_fraction: float = 0.2, seed: int = 0) -> DataSplits:
@@ -133,7 +137,7 @@ def dataset_splits(source: str | os.PathLike, validation_fraction: float = 0.2, 
             an empty image folder, an image without a mask, a training split too small to draw from.
     """
     source = Path(source)
-    kind, splits = _layout_splits(source)
+    datalist_file, splits = _layout_splits(source)
     if not splits:
         raise SegmentationDataError(f"{source}: the dataset holds no items")
     if "validation" not in splits and "training" in splits:
@@ -147,8 +151,9 @@ def dataset_splits(source: str | os.PathLike, validation_fraction: float = 0.2, 
                     validation_fraction, seed)
     order = ["training", "validation", *(split for split in splits if split not in ("training", "validation"))]
     splits = {split: splits[split] for split in order if split in splits}
+    kind = f"datalist {datalist_file.name}" if datalist_file else "image/mask folders"
     logger.info("%s (%s): %s", source, kind, ", ".join(f"{len(items)} {split}" for split, items in splits.items()))
-    return DataSplits(source, splits)
+    return DataSplits(source, splits, datalist_file)
 
 
 def inference_items(source: str | os.PathLike, split: str, validation_fraction: float = 0.2,
