@@ -1,4 +1,6 @@
-"""Write a segmentation datalist for a folder of image/mask pairs: ``python -m scripts.make_datalist FOLDER --output datalist.json``.
+"""Write a segmentation datalist for a folder of image/mask pairs.
+
+``python -m scripts.make_datalist FOLDER --output datalist.json``
 
 FOLDER holds ``imagesTr/`` + ``labelsTr/`` (or ``masksTr/``), optionally ``imagesVal/`` + ``labelsVal/`` and
 ``imagesTs/`` (+ ``labelsTs/``), or ``images/`` + ``masks/`` (or ``labels/``); a mask has its image's name, with any

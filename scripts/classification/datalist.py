@@ -216,7 +216,8 @@ def class_folder_datalist(folder: str | Path, output_dir: str | Path, *, validat
             raise LayoutError(f"{folder}: {error}") from None
     document = {"classes": sorted(splits["training"]), "training": training, "validation": validation}
     if "test" in splits:
-        document["test"] = [{"image": image, "label": name} for name, images in splits["test"].items() for image in images]
+        document["test"] = [{"image": image, "label": name} for name, images in splits["test"].items()
+                            for image in images]
     text = json.dumps(document, indent=1)
     path = Path(output_dir) / "datalist.json"
     if not path.is_file() or path.read_text(encoding="utf-8") != text:

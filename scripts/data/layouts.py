@@ -109,7 +109,8 @@ def pair_folders(folder: str | os.PathLike) -> dict[str, tuple[Path, Path | None
         if len(masks) > 1:
             raise LayoutError(f"{folder}: both {masks[0].name}/ and {masks[1].name}/ hold masks of {images[0].name}/")
         if not masks and split != "test":
-            raise LayoutError(f"{images[0]}: no mask folder beside it (expected {' or '.join(f'{name}{suffix}/' for name in _MASK_FOLDERS)})")
+            expected = " or ".join(f"{name}{suffix}/" for name in _MASK_FOLDERS)
+            raise LayoutError(f"{images[0]}: no mask folder beside it (expected {expected})")
         found[split] = (images[0], masks[0] if masks else None)
     return found
 

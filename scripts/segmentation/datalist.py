@@ -194,7 +194,8 @@ def folder_datalist(folder: str | os.PathLike) -> list[dict]:
 
 def _header(item: Mapping, key: str, position: int):
     if key not in item:
-        hint = " (training and evaluation need a split with labels; an MSD test split has none)" if key == "label" else ""
+        hint = (" (training and evaluation need a split with labels; an MSD test split has none)"
+                if key == "label" else "")
         raise SegmentationDataError(f"datalist item {position} has no {key!r}: {dict(item)}{hint}")
     try:
         return read_header(item[key], channels_last=True)
