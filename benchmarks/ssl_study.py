@@ -52,9 +52,11 @@ from monai.data import DataLoader, Dataset
 from scripts.atomic_save import write_atomically
 from scripts.classification.datalist import load_split
 from scripts.data.ssl_benchmark import BenchmarkPaths, BenchmarkSizes, prepare_ssl_benchmark
+from scripts.handlers.embedding_monitor import effective_rank
 from scripts.objective.lvmmed_loss import LVMMedLoss
 
-__all__ = ["Row", "StudySettings", "study_rows", "weighted_knn_accuracy", "run_study", "main"]
+__all__ = ["Row", "StudySettings", "V2", "QUICK", "study_rows", "tuning_rows", "weighted_knn_accuracy", "run_study",
+           "main"]
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 CONFIGS = REPOSITORY / "configs"
@@ -89,6 +91,7 @@ class StudySettings:
 
     encoder: str = "resnet50"
     image_size: int = 32
+    output_stride: int = 32
     batch_size: int = 16
     pretrain_epochs: int = 3
     iterations_per_epoch: int = 12
@@ -112,6 +115,8 @@ class StudySettings:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
         if not self.probe_learning_rate > 0:
             raise ValueError(f"probe_learning_rate must be positive, got {self.probe_learning_rate!r}.")
+        if self.output_stride not in (16, 32) or (self.output_stride == 16 and self.encoder == "resnet50"):
+            raise ValueError(f"output_stride must be 32, or 16 with a MONAI ResNet encoder, got {self.output_stride!r}.")
         if self.image_size < 32:
             raise ValueError(f"image_size must be at least 32 (the ResNets downsample 32 times), got {self.image_size}.")
         if not self.seeds:
@@ -123,8 +128,16 @@ class StudySettings:
 
 
 QUICK = StudySettings(
-    encoder="resnet10", image_size=32, batch_size=4, pretrain_epochs=1, iterations_per_epoch=1, probe_epochs=1,
-    segmentation_epochs=1, ceiling_epochs=1, seeds=(0,), benchmark=BenchmarkSizes(1, 1, 1, 1),
+    encoder="resnet10", image_size=32, output_stride=16, batch_size=4, pretrain_epochs=1, iterations_per_epoch=1,
+    probe_epochs=1, segmentation_epochs=1, ceiling_epochs=1, seeds=(0,), benchmark=BenchmarkSizes(1, 1, 1, 1),
+)
+# Study v2 (issue 21): 4 x 4 feature maps (ResNet-10 without its max-pooling at 64 px), so that the local affinity
+# compares cells; 150 iterations of batch 32; 32 test images per (modality, class) pair: 640 in all, a standard
+# error of at most 0.02 per accuracy (sqrt(0.25 / 640)); 16 per pair (320) to tune on.
+V2 = StudySettings(
+    encoder="resnet10", image_size=64, output_stride=16, batch_size=32, pretrain_epochs=5, iterations_per_epoch=30,
+    probe_epochs=10, segmentation_epochs=4, ceiling_epochs=10, seeds=(0, 1, 2),
+    benchmark=BenchmarkSizes(pool_per_modality=96, training_per_group=10, validation_per_group=16, test_per_group=32),
 )
 
 
@@ -149,6 +162,32 @@ def study_rows() -> list[Row]:
         Row("VICReg", {"loss": "@baseline_objectives#vicreg"}, "baseline"),
         Row("Barlow Twins", {"loss": "@baseline_objectives#barlow_twins"}, "baseline"),
     ]
+
+
+# the same number of tuning trials for every method: its shipped setting and one other
+TUNING_TRIALS: dict[str, list[dict[str, Any]]] = {
+    "LVM-Med": [{}, {"loss#noise_scale": 1.0}],
+    "SimCLR": [{"loss": "@baseline_objectives#simclr"},
+               {"loss": "@baseline_objectives#simclr", "baseline_objectives#simclr#temperature": 0.1}],
+    "VICReg": [{"loss": "@baseline_objectives#vicreg"},
+               {"loss": "@baseline_objectives#vicreg", "baseline_objectives#vicreg#sim_coeff": 10.0,
+                "baseline_objectives#vicreg#std_coeff": 10.0}],
+    "Barlow Twins": [{"loss": "@baseline_objectives#barlow_twins"},
+                     {"loss": "@baseline_objectives#barlow_twins",
+                      "baseline_objectives#barlow_twins#lambda_offdiag": 0.02}],
+}
+
+
+def tuning_rows() -> list[Row]:
+    """One row per tuning trial of each method (``TUNING_TRIALS``), named ``method [overrides]``: run them with
+    ``--tune`` on the validation split and ship each method's best."""
+    rows = []
+    for method, trials in TUNING_TRIALS.items():
+        for overrides in trials:
+            shown = {key.split("#")[-1]: value for key, value in overrides.items() if key != "loss"}
+            rows.append(Row(f"{method} [{', '.join(f'{k}={v}' for k, v in shown.items()) or 'shipped'}]", overrides,
+                            "tuning"))
+    return rows
 
 
 def weighted_knn_accuracy(
@@ -195,11 +234,17 @@ def _encoder_overrides(settings: StudySettings) -> dict[str, Any]:
     if settings.encoder == "resnet50":
         return {}
     return {"encoder": {"_target_": "scripts.networks.resnet_features.ResNetFeatureEncoder",
-                        "model_name": settings.encoder, "in_channels": 3}}
+                        "model_name": settings.encoder, "in_channels": 3, "output_stride": settings.output_stride}}
 
 
-def pretrain(row: Row, seed: int, settings: StudySettings, paths: BenchmarkPaths, folder: Path) -> tuple[Path, float]:
-    """Runs ``configs/pretrain.json`` for ``row``; returns the exported encoder and the seconds per iteration."""
+# the objective's learning-signal statistics of the last pretraining epoch (``ObjectiveStats``), reported per row
+SIGNAL_STATISTICS = ("match_accuracy", "zero_gradient_step_share", "imle_nonzero_share", "gradient_norm_edge_to_vertex")
+
+
+def pretrain(row: Row, seed: int, settings: StudySettings, paths: BenchmarkPaths,
+             folder: Path) -> tuple[Path, dict[str, float]]:
+    """Runs ``configs/pretrain.json`` for ``row``; returns the exported encoder and figures: the seconds per
+    iteration and the objective's ``SIGNAL_STATISTICS`` of the last epoch (those it reports)."""
     export = folder / "encoder.pt"
     overrides = {
         "output_dir": str(folder / "pretrain"), "manifest": str(paths.manifest), "encoder_export_path": str(export),
@@ -217,9 +262,11 @@ def pretrain(row: Row, seed: int, settings: StudySettings, paths: BenchmarkPaths
     iterations = trainer.state.iteration
     if iterations != settings.pretrain_iterations:
         raise RuntimeError(f"{row.name}: pretraining ran {iterations} iterations, expected {settings.pretrain_iterations}.")
+    figures = {name: float(trainer.state.metrics[name]) for name in SIGNAL_STATISTICS if name in trainer.state.metrics}
     workflow.finalize()
     timed = ends[1:] if len(ends) > 2 else ends
-    return export, (timed[-1] - timed[0]) / (len(timed) - 1)
+    figures["seconds_per_iteration"] = (timed[-1] - timed[0]) / (len(timed) - 1)
+    return export, figures
 
 
 @torch.no_grad()
@@ -262,6 +309,7 @@ def classify(encoder_file: Path | None, seed: int, settings: StudySettings, path
         train = _features(classifier, load_split(paths.classification_datalist, "training"), transform, device)
         evaluated = _features(classifier, load_split(paths.classification_datalist, split), transform, device)
         figures["knn"] = weighted_knn_accuracy(*train, *evaluated)
+        figures["effective_rank"] = effective_rank(evaluated[0])
     workflow.run()
     figures["probe" if linear_probe else "supervised"] = float(
         workflow.parser.get_parsed_content("validate#evaluator").state.metrics["val_accuracy"])
@@ -301,7 +349,8 @@ def run_row(row: Row, seed: int, settings: StudySettings, paths: BenchmarkPaths)
         figures: dict[str, float] = {}
         encoder_file = None
         if row.pretrain_overrides is not None:
-            encoder_file, figures["seconds_per_iteration"] = pretrain(row, seed, settings, paths, folder)
+            encoder_file, pretraining_figures = pretrain(row, seed, settings, paths, folder)
+            figures.update(pretraining_figures)
         figures.update(classify(encoder_file, seed, settings, paths, folder))
         figures["dice"] = segment(encoder_file, seed, settings, paths, folder)
         return figures
@@ -406,6 +455,12 @@ def report(summary: dict[str, dict[str, tuple[float, float]]], settings: StudySe
     for name, row in summary.items():
         lines.append(f"| {name} | {_cell(row, 'knn')} | {_cell(row, 'probe' if name != CEILING else 'supervised')} | "
                      f"{_cell(row, 'dice')} | {_cell(row, 'score')} | {_cell(row, 'seconds_per_iteration', 2)} |")
+    signal = ["| method | effective rank (features, evaluated split) | match accuracy | zero-gradient steps | "
+              "non-zero IMLE entries | edge / vertex gradient |\n|---|---|---|---|---|---|"]
+    for name, row in summary.items():
+        if name != CEILING:
+            signal.append(f"| {name} | {_cell(row, 'effective_rank', 1)} | " + " | ".join(
+                _cell(row, key) for key in SIGNAL_STATISTICS) + " |")
     b = settings.benchmark
     text = [
         "# LVM-Med against its ablations and standard SSL objectives", "",
@@ -427,7 +482,11 @@ def report(summary: dict[str, dict[str, tuple[float, float]]], settings: StudySe
         f"the pydicom/nibabel real images; {b.training_per_group}/{b.validation_per_group}/{b.test_per_group} "
         "labelled images per (modality, shape class) pair for training/validation/test (20 pairs)",
         f"- lambda rows: `LVMMedLoss`'s default lambda_ = {default_lambda():g} divided and multiplied by 10",
-        "", "## Results", "", *lines, "", f"![scores per method]({plot_path.name})", "", "## Goal", "",
+        f"- feature maps: {settings.encoder} of output stride {settings.output_stride}: "
+        f"{-(-settings.image_size // settings.output_stride)} x {-(-settings.image_size // settings.output_stride)} cells"
+        f" at {settings.image_size} px; pool: " + ("independent images" if b.slices_per_volume == 1 else
+                                                   f"volumes of {b.slices_per_volume} near-duplicate slices"),
+        "", "## Results", "", *lines, "", "Learning signal (last pretraining epoch; `ObjectiveStats`):", "", *signal, "", f"![scores per method]({plot_path.name})", "", "## Goal", "",
         *[f"- {line}" for line in verdict(summary)], "",
     ]
     return "\n".join(text)
@@ -465,7 +524,7 @@ def run_study(settings: StudySettings, data_root: Path, output: Path | None, com
         if record is not None:
             state = {"settings": repr(settings), "seconds": seconds_before + time.perf_counter() - start, "runs": runs}
             write_atomically(record, lambda temporary: temporary.write_text(json.dumps(state, indent=1)))
-    order = [row.name for row in study_rows()] + [CEILING]
+    order = [row.name for row in [*study_rows(), *tuning_rows()]] + [CEILING]
     results = {name: [runs[name][key] for key in sorted(runs[name], key=int)] for name in order if name in runs}
     summary = summarise(results)
     if output is not None:
@@ -479,6 +538,12 @@ def run_study(settings: StudySettings, data_root: Path, output: Path | None, com
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="every row at tiny sizes (the test suite's run)")
+    parser.add_argument("--preset", choices=("v2", "v1"), default="v2",
+                        help="v2 (default): 4 x 4 feature maps, 150 iterations, 640 test images; v1: the first study's")
+    parser.add_argument("--slices-per-volume", type=int, default=None,
+                        help="pretraining pool of volumes of this many near-duplicate slices (the second-order case)")
+    parser.add_argument("--tune", action="store_true",
+                        help="run the tuning trials of every method (TUNING_TRIALS) on the validation split")
     parser.add_argument("--encoder", choices=ENCODERS, default=None)
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--pretrain-epochs", type=int, default=None)
@@ -494,7 +559,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, default=None, help="Markdown report, e.g. docs/ssl_study.md")
     parser.add_argument("--resume", action="store_true", help="keep the (row, seed) results already in the output's .json")
     args = parser.parse_args(argv)
-    base = QUICK if args.quick else StudySettings()
+    base = QUICK if args.quick else (V2 if args.preset == "v2" else StudySettings())
+    if args.slices_per_volume is not None:
+        base = StudySettings(**{**base.__dict__, "benchmark": BenchmarkSizes(
+            **{**base.benchmark.__dict__, "slices_per_volume": args.slices_per_volume})})
+    if args.tune:
+        if args.split == "test":
+            raise SystemExit("--tune chooses settings: it reads the validation split, not --split test.")
+        args.split = "validation"
     chosen = {
         "encoder": args.encoder, "image_size": args.image_size, "pretrain_epochs": args.pretrain_epochs,
         "iterations_per_epoch": args.iterations_per_epoch, "probe_epochs": args.probe_epochs,
@@ -502,18 +574,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         "evaluation_split": args.split,
     }
     settings = StudySettings(**{**base.__dict__, **{key: value for key, value in chosen.items() if value is not None}})
-    rows = study_rows()
+    rows = tuning_rows() if args.tune else study_rows()
     if args.rows:
         unknown = sorted(set(args.rows) - {row.name for row in rows} - {CEILING})
         if unknown:
             raise SystemExit(f"unknown rows {unknown}; known: {[row.name for row in rows]}")
         rows = [row for row in rows if row.name in args.rows]
-    data_root = args.data_root or REPOSITORY / "data" / ("ssl_benchmark_quick" if args.quick else "ssl_benchmark")
+    sizes = settings.benchmark
+    data_root = args.data_root or REPOSITORY / "data" / (
+        f"ssl_benchmark_{'quick' if args.quick else args.preset}"
+        + (f"_slices{sizes.slices_per_volume}" if sizes.slices_per_volume > 1 else ""))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     summary = run_study(settings, data_root, args.output, "python -m benchmarks.ssl_study " + " ".join(sys.argv[1:] if argv is None else argv),
-                        rows, with_ceiling=not args.rows or CEILING in args.rows, resume=args.resume)
+                        rows, with_ceiling=not args.tune and (not args.rows or CEILING in args.rows), resume=args.resume)
     for name, row in summary.items():
-        print(f"{name:34s} " + "  ".join(f"{key} {_cell(row, key)}" for key in ("knn", "probe", "supervised", "dice", "score", "seconds_per_iteration") if key in row))
+        print(f"{name:34s} " + "  ".join(f"{key} {_cell(row, key)}" for key in ("knn", "probe", "supervised", "dice", "score", "effective_rank", *SIGNAL_STATISTICS, "seconds_per_iteration") if key in row))
 
 
 if __name__ == "__main__":

@@ -5,14 +5,16 @@ from __future__ import annotations
 import inspect
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from benchmarks.ssl_study import CEILING, QUICK, main, study_rows, weighted_knn_accuracy
+from benchmarks.ssl_study import CEILING, QUICK, V2, StudySettings, main, study_rows, tuning_rows, weighted_knn_accuracy
 from scripts.classification.datalist import load_split
 from scripts.data.slices import PretrainSliceDataset
 from scripts.data.ssl_benchmark import CLASSES, MODALITIES, BenchmarkSizes, draw_case, prepare_ssl_benchmark
@@ -122,7 +124,46 @@ def test_quick_study_runs_every_row_and_writes_the_report(tmp_path: Path) -> Non
         for figures in seeds.values():
             for key, value in figures.items():
                 assert math.isfinite(value), (name, key)
-                if key != "seconds_per_iteration":
+                if key == "effective_rank":
+                    assert 1.0 <= value, (name, value)
+                elif key not in ("seconds_per_iteration", "gradient_norm_edge_to_vertex"):
                     assert 0.0 <= value <= 1.0, (name, key, value)
         if name not in ("random init (no pretraining)", CEILING):
             assert all(figures["seconds_per_iteration"] > 0 for figures in seeds.values())
+        if name.startswith(("LVM-Med", "w/o", "lambda")):  # the objective's learning-signal statistics per row
+            assert all({"match_accuracy", "zero_gradient_step_share"} <= set(figures) for figures in seeds.values())
+        if name == "LVM-Med (defaults)":  # the path ratio, on steps with a gradient
+            assert all(figures["gradient_norm_edge_to_vertex"] > 0 for figures in seeds.values()
+                       if figures["zero_gradient_step_share"] < 1)
+    assert "Learning signal" in text and "effective rank" in text
+
+
+def test_tuning_gives_every_method_the_same_number_of_trials() -> None:
+    rows = tuning_rows()
+    methods = Counter(row.name.split(" [")[0] for row in rows)
+    assert set(methods) == {"LVM-Med", "SimCLR", "VICReg", "Barlow Twins"}
+    assert len(set(methods.values())) == 1 and min(methods.values()) >= 2
+    assert len({row.name for row in rows}) == len(rows)
+    with pytest.raises(SystemExit, match="validation"):
+        main(["--quick", "--tune", "--split", "test"])
+
+
+def test_v2_settings_give_4x4_maps_and_a_large_test_split() -> None:
+    assert V2.image_size // V2.output_stride >= 4
+    assert V2.benchmark.test_per_group * len(MODALITIES) * len(CLASSES) >= 625  # standard error <= 0.02
+    with pytest.raises(ValueError, match="output_stride"):
+        StudySettings(encoder="resnet50", output_stride=16)
+
+
+def test_near_duplicate_pool_is_volumes_of_adjacent_slices(tmp_path: Path) -> None:
+    sizes = BenchmarkSizes(pool_per_modality=8, training_per_group=1, validation_per_group=1, test_per_group=1,
+                           slices_per_volume=4)
+    paths = prepare_ssl_benchmark(tmp_path, sizes)
+    pool = PretrainSliceDataset(paths.manifest)
+    generated = [entry for entry in pool.entries if entry.name.startswith("generated-")]
+    assert len(generated) == len(MODALITIES) and all(entry.dimension == 3 for entry in generated)
+    volume = np.asarray(nib.load(sorted((tmp_path / "pool" / "ct").glob("*.nii.gz"))[0]).dataobj)
+    assert volume.shape == (64, 64, 4)
+    adjacent = np.abs(np.diff(volume, axis=-1)).mean()
+    other = np.abs(volume - np.asarray(nib.load(sorted((tmp_path / "pool" / "ct").glob("*.nii.gz"))[1]).dataobj)).mean()
+    assert adjacent < 0.2 * other  # consecutive slices are near-duplicates, other volumes are not

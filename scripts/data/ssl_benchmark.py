@@ -18,7 +18,9 @@ the class, and the benchmark is far from saturated for a random encoder while a 
 seed and its index), skipping files that exist:
 
 - ``pool/``: the fixed pretraining pool (its shape labels are never written, the manifest labels entries by
-  modality), plus the real images installed packages ship: pydicom's ``CT_small.dcm``, ``MR_small.dcm`` and
+  modality): independent images, or with ``slices_per_volume`` > 1 volumes of that many consecutive
+  near-duplicate slices (a drawn image changing by a small smooth field from slice to slice, as adjacent slices of a
+  CT or MR volume: the case where the paper says second-order matching matters), plus the real images installed packages ship: pydicom's ``CT_small.dcm``, ``MR_small.dcm`` and
   CT series, nibabel's ``anatomical.nii`` and the first volume of its 4D ``example4d.nii.gz`` (through
   :func:`scripts.data.embedded.real_files`); ``manifest.json`` lists them for ``configs/pretrain.json``;
 - ``labelled/``: the ``training``, ``validation`` and ``test`` images (``*.png``, grey or RGB) and their masks
@@ -57,12 +59,14 @@ _SPLIT_SEEDS = {"pool": 1, "training": 2, "validation": 3, "test": 4}
 
 @dataclass(frozen=True)
 class BenchmarkSizes:
-    """Images per modality in the pretraining pool, and per (modality, class) pair in each labelled split."""
+    """Images per modality in the pretraining pool, and per (modality, class) pair in each labelled split;
+    ``slices_per_volume`` > 1 makes the pool volumes of that many near-duplicate slices (same number of images)."""
 
     pool_per_modality: int = 96
     training_per_group: int = 5
     validation_per_group: int = 3
     test_per_group: int = 3
+    slices_per_volume: int = 1
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -247,9 +251,33 @@ def _draw_split(root: Path, split: str, sizes: BenchmarkSizes) -> list[dict[str,
     return items
 
 
+def _draw_slice_pool(root: Path, sizes: BenchmarkSizes) -> tuple[list[SourceDataset], list[dict[str, str]]]:
+    """The pool as volumes of ``sizes.slices_per_volume`` near-duplicate slices (NIfTI, grey, values in [0, 1],
+    slices along the last axis); one manifest entry per modality, no labelled items (a slice has no file of its own
+    for the supervised ceiling)."""
+    rng = np.random.RandomState(_SPLIT_SEEDS["pool"])
+    depth = sizes.slices_per_volume
+    for number in range(-(-sizes.pool_per_modality // depth)):
+        for modality in MODALITIES:
+            target = root / "pool" / modality / f"{modality}_{number:04d}.nii.gz"
+            image, _ = draw_case(rng, modality, CLASSES[rng.randint(len(CLASSES))])  # drawn even when files exist
+            drift = 0.1 * _smooth_field(rng, 6.0, image.shape[:2])
+            if target.exists():
+                continue
+            grey = image if image.ndim == 2 else image.mean(-1)
+            volume = np.stack([grey + drift * index / depth for index in range(depth)], axis=-1)
+            nifti = nib.Nifti1Image(np.clip(volume, 0.0, 1.0).astype(np.float32), np.eye(4))
+            write_atomically(target, lambda temporary: nib.save(nifti, temporary))
+    entries = [SourceDataset(f"generated-{modality}-volumes", root / "pool" / modality, name, 3, slice_axis=2,
+                             window=(0.0, 1.0), format="nifti") for modality, name in MODALITIES.items()]
+    return entries, []
+
+
 def _draw_pool(root: Path, sizes: BenchmarkSizes) -> tuple[list[SourceDataset], list[dict[str, str]]]:
     """Writes the generated part of the pretraining pool; returns one manifest entry per modality and the pool's
     labelled items (for the supervised ceiling only: pretraining never reads them)."""
+    if sizes.slices_per_volume > 1:
+        return _draw_slice_pool(root, sizes)
     rng = np.random.RandomState(_SPLIT_SEEDS["pool"])
     items = []
     for number in range(sizes.pool_per_modality):

@@ -24,6 +24,9 @@ class ResNetFeatureEncoder(ResNetFeatures):
     Args:
         model_name: ``"resnet10"``, ``"resnet18"``, ``"resnet34"`` or ``"resnet50"``.
         in_channels: channels of the input image.
+        output_stride: 32 (the ResNet as published), or 16: without the stem's max-pooling, so that small images
+            give feature maps of useful size (64 x 64 -> 4 x 4), e.g. for LVM-Med's local affinity in budget-limited
+            studies. The weights are the same either way (max-pooling has none).
 
     Example::
 
@@ -31,12 +34,16 @@ class ResNetFeatureEncoder(ResNetFeatures):
         feature_map, pooled = encoder(torch.randn(2, 3, 64, 64))  # (2, 512, 2, 2), (2, 512)
     """
 
-    def __init__(self, model_name: str = "resnet18", in_channels: int = 3) -> None:
+    def __init__(self, model_name: str = "resnet18", in_channels: int = 3, output_stride: int = 32) -> None:
         if model_name not in _OUT_CHANNELS:
             raise ValueError(f"model_name must be one of {sorted(_OUT_CHANNELS)}, got {model_name!r}.")
         if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
             raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}.")
+        if output_stride not in (16, 32):
+            raise ValueError(f"output_stride must be 16 or 32, got {output_stride!r}.")
         super().__init__(model_name, pretrained=False, spatial_dims=2, in_channels=in_channels)
+        self.no_max_pool = output_stride == 16  # MONAI's ResNet switch: its forward then skips the max-pooling
+        self.output_stride = output_stride
         self.model_name = model_name
         self.in_channels = in_channels
         self.out_channels = _OUT_CHANNELS[model_name]
@@ -44,14 +51,15 @@ class ResNetFeatureEncoder(ResNetFeatures):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         """
         Args:
-            x: images of shape (N, in_channels, H, W), H and W at least 32.
+            x: images of shape (N, in_channels, H, W), H and W at least the output stride.
 
         Returns:
-            the last feature map (N, out_channels, ceil(H/32), ceil(W/32)) and its spatial mean (N, out_channels).
+            the last feature map (N, out_channels, ceil(H/s), ceil(W/s)), s the output stride, and its spatial mean
+            (N, out_channels).
         """
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"ResNetFeatureEncoder expects images of shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}.")
-        if min(x.shape[2:]) < 32:
-            raise ValueError(f"ResNetFeatureEncoder needs H and W of at least 32, got {tuple(x.shape[2:])}.")
+        if min(x.shape[2:]) < self.output_stride:
+            raise ValueError(f"ResNetFeatureEncoder needs H and W of at least {self.output_stride}, got {tuple(x.shape[2:])}.")
         feature_map = super().forward(x)[-1]
         return feature_map, torch.flatten(self.avgpool(feature_map), 1)

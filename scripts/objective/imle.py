@@ -13,7 +13,8 @@ by a finite difference between two perturbed solutions:
 with g = dL/dx the incoming gradient and |g| its largest magnitude per problem. Normalising the step
 by |g| gives lambda one meaning, whatever the loss's weight or AMP's loss scale: the target moves
 every affinity by at most lambda (the affinities are cosines in [-1, 1]), and the gradient is linear
-in g (the gradient of k * L is k times that of L). eps is Gumbel noise, or, for the paper's "no Gumbel
+in g (the gradient of k * L is k times that of L). eps is Gumbel noise (of a fixed scale, or of a scale
+relative to the spread of each problem's vertex affinities: ``noise_reference="spread"``), or, for the paper's "no Gumbel
 noise" ablation, the constant margin of BB-GM: ``-margin`` on the true-match entries, so the solver
 must beat the true matching by that margin. For the second-order part of theta (edge affinities) the
 solution is the edge-match indicator Y[e, f] = x[i_e, a_f] * x[j_e, b_f], and the same difference is
@@ -67,6 +68,7 @@ def imle_match(
     num_samples: int = 1,
     truth: torch.Tensor | None = None,
     state: IMLEState | None = None,
+    noise_reference: Literal["absolute", "spread"] = "absolute",
 ) -> torch.Tensor:
     """Solves a batch of graph-matching problems with IMLE gradients for its affinities, for any loss.
 
@@ -78,11 +80,17 @@ def imle_match(
             the affinities' own units.
         noise: "gumbel" perturbs affinities with mean-zero Gumbel(0, noise_scale) noise; "none" replaces
             the noise by the constant margin of BB-GM (``-margin`` on the true-match entries of the unary).
-        noise_scale: Gumbel scale.
+        noise_scale: Gumbel scale, in the affinities' units (``noise_reference="absolute"``) or in units of the
+            standard deviation of each problem's vertex affinities (``"spread"``).
         margin: the constant margin of ``noise="none"`` (>= 0).
         num_samples: perturbations averaged, in the forward solution and in the gradient.
         truth: (B, n, n) true matchings (for the margin); None is the identity (view i <-> view i).
         state: receives the solutions for statistics.
+        noise_reference: "absolute", or "spread": the Gumbel scale of problem b is ``noise_scale`` times the
+            standard deviation of its vertex affinities (no gradient through it), on its vertex and edge
+            affinities alike. A fixed scale stops perturbing the matching once the true pairs stand out by a few
+            times the scale, and the IMLE gradient is then exactly zero while the representation may still be
+            poor; relative to the spread, the noise keeps pace with the affinities (a temperature in their units).
 
     Returns:
         (B, n, n) matchings averaged over the samples (permutation matrices when num_samples is 1);
@@ -96,7 +104,8 @@ def imle_match(
         loss = hamming_distance(matching).mean()
         loss.backward()  # fills unary.grad and pairwise.grad
     """
-    settings = _Settings(problem, solver, lambda_, noise, noise_scale, margin, num_samples, truth, state)
+    settings = _Settings(problem, solver, lambda_, noise, noise_scale, margin, num_samples, truth, state,
+                         noise_reference)
     return _IMLEMatch.apply(problem.unary, problem.pairwise, settings)
 
 
@@ -111,6 +120,7 @@ def imle_linear_loss(
     num_samples: int = 1,
     truth: torch.Tensor | None = None,
     state: IMLEState | None = None,
+    noise_reference: Literal["absolute", "spread"] = "absolute",
 ) -> torch.Tensor:
     """Loss <cost, x> of IMLE matchings x, with the target problems solved in the forward's solver call.
 
@@ -136,7 +146,8 @@ def imle_linear_loss(
     shape = tuple(problem.unary.shape)
     if cost.shape not in (shape, shape[1:]):
         raise ValueError(f"cost must have shape {shape[1:]} or {shape} like the unary, got {tuple(cost.shape)}.")
-    settings = _Settings(problem, solver, lambda_, noise, noise_scale, margin, num_samples, truth, state)
+    settings = _Settings(problem, solver, lambda_, noise, noise_scale, margin, num_samples, truth, state,
+                         noise_reference)
     return _IMLELinearLoss.apply(problem.unary, problem.pairwise, cost.expand(shape), settings)
 
 
@@ -154,6 +165,7 @@ class _Settings:
         num_samples: int,
         truth: torch.Tensor | None,
         state: IMLEState | None,
+        noise_reference: str,
     ) -> None:
         if isinstance(lambda_, bool) or not isinstance(lambda_, (int, float)) or lambda_ <= 0:
             raise ValueError(f"lambda_ must be a positive number, got {lambda_!r}.")
@@ -161,6 +173,8 @@ class _Settings:
             raise ValueError(f"noise must be 'gumbel' or 'none', got {noise!r}.")
         if noise_scale <= 0:
             raise ValueError(f"noise_scale must be positive, got {noise_scale}.")
+        if noise_reference not in ("absolute", "spread"):
+            raise ValueError(f"noise_reference must be 'absolute' or 'spread', got {noise_reference!r}.")
         if margin < 0:
             raise ValueError(f"margin must be non-negative, got {margin}.")
         if num_samples < 1:
@@ -181,6 +195,7 @@ class _Settings:
         self.lambda_ = float(lambda_)
         self.noise = noise
         self.noise_scale = noise_scale
+        self.noise_reference = noise_reference
         self.margin = margin
         self.num_samples = num_samples
         self.truth = truth
@@ -194,7 +209,8 @@ class _Settings:
         """(S*B, ...) -> (B, ...) mean over the samples."""
         if self.num_samples == 1:
             return stacked
-        return stacked.reshape(self.num_samples, -1, *stacked.shape[1:]).mean(0)
+        # the batch size spelt out: -1 cannot be inferred for empty tensors (the pairwise of a linear assignment)
+        return stacked.reshape(self.num_samples, stacked.shape[0] // self.num_samples, *stacked.shape[1:]).mean(0)
 
     def perturbed(self, unary: torch.Tensor, pairwise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The S stacked perturbed copies of the affinities: (S*B, n, n) and (S*B, E1, E2)."""
@@ -205,14 +221,22 @@ class _Settings:
                 lowered.diagonal(dim1=1, dim2=2).sub_(self.margin)
                 return lowered, pairwise
             return unary - self.margin * self.samples(self.truth), pairwise
-        return self._add_gumbel(unary), self._add_gumbel(pairwise)
+        if self.noise_reference == "absolute":
+            return self._add_gumbel(unary), self._add_gumbel(pairwise)
+        # (S*B, 1, 1) spread per problem (zero, thus no noise, where every affinity is equal)
+        spread = torch.std(unary, dim=(1, 2), keepdim=True)
+        return self._add_gumbel(unary, spread), self._add_gumbel(pairwise, spread)
 
-    def _add_gumbel(self, values: torch.Tensor) -> torch.Tensor:
-        """values + mean-zero Gumbel(0, noise_scale) noise, as -log of standard exponential draws from torch's
-        generator (``torch.distributions.Gumbel`` validates its parameters with a device-to-host sync). Mean-zero:
-        a positive mean on edge affinities would favour matchings that keep more edges."""
+    def _add_gumbel(self, values: torch.Tensor, spread: torch.Tensor | None = None) -> torch.Tensor:
+        """values + mean-zero Gumbel(0, noise_scale [* spread]) noise, as -log of standard exponential draws from
+        torch's generator (``torch.distributions.Gumbel`` validates its parameters with a device-to-host sync).
+        Mean-zero: a positive mean on edge affinities would favour matchings that keep more edges. ``spread``: a
+        tensor broadcast against ``values`` that multiplies the scale."""
         exponential = torch.empty_like(values).exponential_().clamp_min_(torch.finfo(values.dtype).tiny)
-        return torch.add(values, exponential.log_().add_(_EULER_GAMMA), alpha=-self.noise_scale)
+        gumbel = exponential.log_().add_(_EULER_GAMMA)
+        if spread is None:
+            return torch.add(values, gumbel, alpha=-self.noise_scale)
+        return torch.addcmul(values, gumbel, spread, value=-self.noise_scale)
 
     def solve(self, unary: torch.Tensor, pairwise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Solutions x (K, n, n) and their edge matches Y (K, E1, E2) of K = copies x B stacked problems."""

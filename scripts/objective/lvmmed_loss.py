@@ -17,6 +17,7 @@ from scripts.objective.qap import GraphMatchingSolver, QAPBatch, linear_assignme
 
 __all__ = ["LVMMedLoss"]
 
+_GRADIENT_PATHS = ("vertex", "edge", "local")
 _AUTO_GRID_SIZE = 8  # local_grid_size="auto": at most 8 x 8 cells, 4,096 cell pairs per image pair
 
 
@@ -58,8 +59,12 @@ class LVMMedLoss(nn.Module):
             +-lambda_ (towards the true matching), in the affinities' own units (cosines in [-1, 1]),
             whatever the loss's weight or AMP's loss scale (see ``docs/objective.md``).
         num_samples: IMLE noise samples per step.
-        noise_scale: scale of the Gumbel noise, relative to affinities that are cosines in [-1, 1]
-            (1.0 drowns them: see ``docs/objective.md``).
+        noise_scale: scale of the Gumbel noise: in units of the standard deviation of each graph's vertex
+            affinities with ``noise_reference="spread"`` (default), in the affinities' own units (cosines in
+            [-1, 1]) with ``"absolute"`` (see ``docs/objective.md``).
+        noise_reference: "spread" or "absolute" (``imle.imle_linear_loss``): a fixed scale stops perturbing the
+            matching once the true pairs stand out by a few times the scale, and the gradient is then exactly zero
+            while the representation may still be poor.
         margin: the constant that replaces the noise when ``noise="none"``: subtracted from the
             true-match vertex affinities, as BB-GM's margin (ablation iii).
         gcn_features: layer sizes of the GCN.
@@ -70,6 +75,13 @@ class LVMMedLoss(nn.Module):
             64 x 64 maps are pooled); None keeps every cell.
         local_num_matches: gamma of appendix A, the best cell matches kept per local term (None: all).
         edge_weight: weight of the edge (second-order) term against the vertex term in the matching score.
+        edge_normalisation: "degree" divides the edge affinities by the graphs' mean number of directed edges per
+            vertex, so that at ``edge_weight`` 1 a vertex's matched edges count at most as much as its vertex
+            affinity (BB-GM halves its quadratic costs for the same double count); "none" sums every directed
+            edge pair as it is (about 7 times the vertex term at n = 16, k = 5).
+        edge_softening: s of ``affinity.edge_affinity``: edge vectors are divided by sqrt(|d|^2 + tau^2),
+            tau = s times the graph's root-mean-square edge length, instead of |d|: bounded gradients for the
+            short edges between near-duplicate images (0: the plain cosine, whose gradient grows as 1 / |d|).
         second_order: use edge affinities (quadratic assignment); False solves a linear assignment
             on the vertex affinities (ablation i of the paper).
         message_passing: use the GCN; False matches the projector embeddings directly (ablation ii).
@@ -95,13 +107,16 @@ class LVMMedLoss(nn.Module):
         alpha: float = 0.8,
         lambda_: float = 3.0,
         num_samples: int = 1,
-        noise_scale: float = 0.1,
+        noise_scale: float = 0.5,
+        noise_reference: Literal["spread", "absolute"] = "spread",
         margin: float = 1.0,
         gcn_features: tuple[int, ...] = (128, 128),
         gcn_residual: bool = True,
         local_grid_size: int | Literal["auto"] | None = "auto",
         local_num_matches: int | None = 20,
         edge_weight: float = 1.0,
+        edge_normalisation: Literal["degree", "none"] = "degree",
+        edge_softening: float = 0.5,
         second_order: bool = True,
         message_passing: bool = True,
         noise: Literal["gumbel", "none"] = "gumbel",
@@ -116,6 +131,8 @@ class LVMMedLoss(nn.Module):
             message_passing=(message_passing, bool), local_similarity=(local_similarity, bool),
             noise=(noise, str), local_grid_size=(local_grid_size, (int, str, type(None))), margin=(margin, float),
             local_num_matches=(local_num_matches, (int, type(None))), edge_weight=(edge_weight, float),
+            noise_reference=(noise_reference, str), edge_normalisation=(edge_normalisation, str),
+            edge_softening=(edge_softening, float),
         )
         if graph_size < 2:
             raise ValueError(f"graph_size must be at least 2, got {graph_size}.")
@@ -135,8 +152,15 @@ class LVMMedLoss(nn.Module):
             raise ValueError(f"local_grid_size must be positive, 'auto' or None, got {local_grid_size}.")
         if local_num_matches is not None and local_num_matches < 1:
             raise ValueError(f"local_num_matches must be positive or None, got {local_num_matches}.")
-        if margin < 0 or edge_weight < 0:
-            raise ValueError(f"margin and edge_weight must be non-negative, got {margin}, {edge_weight}.")
+        if margin < 0 or edge_weight < 0 or edge_softening < 0:
+            raise ValueError(
+                f"margin, edge_weight and edge_softening must be non-negative, got {margin}, {edge_weight}, "
+                f"{edge_softening}."
+            )
+        if noise_reference not in ("spread", "absolute"):
+            raise ValueError(f"noise_reference must be 'spread' or 'absolute', got {noise_reference!r}.")
+        if edge_normalisation not in ("degree", "none"):
+            raise ValueError(f"edge_normalisation must be 'degree' or 'none', got {edge_normalisation!r}.")
         self.embedding_dim = embedding_dim
         self.graph_size = graph_size
         self.num_neighbors = num_neighbors
@@ -144,10 +168,13 @@ class LVMMedLoss(nn.Module):
         self.lambda_ = lambda_
         self.num_samples = num_samples
         self.noise_scale = noise_scale
+        self.noise_reference = noise_reference
         self.margin = margin
         self.local_grid_size = _AUTO_GRID_SIZE if local_grid_size == "auto" else local_grid_size
         self.local_num_matches = local_num_matches
         self.edge_weight = edge_weight
+        self.edge_normalisation = edge_normalisation
+        self.edge_softening = edge_softening
         self.second_order = second_order
         self.noise = noise
         self.local_similarity = local_similarity and alpha < 1.0
@@ -159,6 +186,11 @@ class LVMMedLoss(nn.Module):
         self._num_images = 0
         # the IMLE solutions of the last step, one state per graph size
         self._states: list[IMLEState] = []
+        # squared norms of the last backward's gradients per path (see ``last_gradient_norms``)
+        self._path_gradients: dict[str, list[torch.Tensor]] = {}
+        # off by default: the hooks cost 8 operator calls per step (``ObjectiveStats`` turns them on now and then)
+        self.track_gradient_paths = False
+        self._hamming_costs: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
 
     def forward(
         self,
@@ -185,6 +217,7 @@ class LVMMedLoss(nn.Module):
         """
         self._check_inputs(embeddings1, embeddings2, features1, features2, grid1, grid2)
         self._states = []
+        self._path_gradients = {path: [] for path in _GRADIENT_PATHS}
         self._hamming_total, self._num_images = None, embeddings1.shape[0]
         if self._num_images < 2:
             return embeddings1.float().sum() * 0.0
@@ -227,16 +260,17 @@ class LVMMedLoss(nn.Module):
         num_graphs, num_nodes = embeddings.shape[0] // 2, embeddings.shape[1]
         adjacency = knn_edges(embeddings, self.num_neighbors)
         nodes = embeddings if self.gcn is None else self.gcn(embeddings, adjacency)
-        unary = global_affinity(nodes)
+        unary = global_affinity(self._observed(nodes, "vertex"))
         if local is not None:
             unary = torch.lerp(local, unary, self.alpha)  # alpha * global + (1 - alpha) * local
         if self.second_order:
             # a symmetric kNN graph has at most 2 n k directed edges: a fixed width needs no host sync
             width = 2 * num_nodes * min(self.num_neighbors, num_nodes - 1)
             edges = pad_edges(adjacency, width)
-            pairwise = edge_affinity(nodes, incidence_rows(edges, num_nodes, unary.dtype))
-            if self.edge_weight != 1.0:
-                pairwise = self.edge_weight * pairwise
+            incidence = incidence_rows(edges, num_nodes, unary.dtype)
+            edge_counts = adjacency.sum((1, 2), keepdim=True, dtype=unary.dtype)  # (2G, 1, 1), each >= 2
+            pairwise = edge_affinity(self._observed(nodes, "edge"), incidence, self.edge_softening, edge_counts)
+            pairwise = self._weighted_edges(pairwise, edge_counts, num_nodes)
             edges1, edges2 = edges.chunk(2)
             solver = self.solver
         else:
@@ -248,9 +282,60 @@ class LVMMedLoss(nn.Module):
         self._states.append(state)
         # the Hamming distance is linear in the matching, <1 - 2 I, x> + n: its IMLE target is solved in the
         # forward, in the same solver call
-        cost = unary.new_ones((num_nodes, num_nodes)).fill_diagonal_(-1.0)
+        cost = self._hamming_cost(num_nodes, unary)
         return imle_linear_loss(problem, solver, cost, self.lambda_, self.noise, self.noise_scale, self.margin,
-                                self.num_samples, state=state)
+                                self.num_samples, state=state, noise_reference=self.noise_reference)
+
+    def _hamming_cost(self, num_nodes: int, like: torch.Tensor) -> torch.Tensor:
+        """(n, n) ``1 - 2 I``, kept per size, device and dtype (two operator calls fewer per step)."""
+        key = (num_nodes, like.device, like.dtype)
+        if key not in self._hamming_costs:
+            self._hamming_costs[key] = like.new_ones((num_nodes, num_nodes)).fill_diagonal_(-1.0)
+        return self._hamming_costs[key]
+
+    def _weighted_edges(self, pairwise: torch.Tensor, edge_counts: torch.Tensor, num_nodes: int) -> torch.Tensor:
+        """(G, E, E) edge affinities times ``edge_weight``, divided by the mean directed degree of each graph pair
+        (``edge_counts``: (2G, 1, 1) edges of view 1's graphs, then view 2's) with ``edge_normalisation="degree"``."""
+        if self.edge_normalisation == "none":
+            return pairwise if self.edge_weight == 1.0 else self.edge_weight * pairwise
+        # mean degree of a pair = (edges of view 1 + edges of view 2) / 2n
+        scale = edge_counts.view(2, -1, 1, 1).sum(0).reciprocal_().mul_(2 * num_nodes * self.edge_weight)
+        return pairwise * scale
+
+    def _observed(self, tensor: torch.Tensor, path: str) -> torch.Tensor:
+        """``tensor`` as it enters one path of the objective; the squared norm of the gradient that reaches it through
+        that path is kept (a tensor: no host sync) for ``last_gradient_norms``."""
+        if not (self.track_gradient_paths and tensor.requires_grad):
+            return tensor
+        alias = tensor.view_as(tensor)
+        kept = self._path_gradients[path]
+        alias.register_hook(lambda gradient: kept.append(torch.linalg.vector_norm(gradient)))
+        return alias
+
+    @property
+    def last_gradient_norms(self) -> dict[str, torch.Tensor]:
+        """L2 norm of the gradient the last backward sent through each path, 0-dim tensors (NaN where none passed
+        or ``track_gradient_paths`` was off):
+
+        - ``vertex``: through the global vertex affinity, at the vertex embeddings (GCN outputs, both views);
+        - ``edge``: through the edge affinities, at the same embeddings;
+        - ``local``: through the local affinity, at the encoder's feature maps (both views).
+
+        The vertex and edge norms are taken at the same tensor, so their ratio says which term drives the
+        embeddings; the local one is at the feature maps (another tensor, other units).
+        """
+        norms = {}
+        for path in _GRADIENT_PATHS:
+            kept = self._path_gradients.get(path, [])
+            norms[path] = torch.linalg.vector_norm(torch.stack(kept)) if kept else torch.tensor(float("nan"))
+        return norms
+
+    @property
+    def last_gradient_is_zero(self) -> torch.Tensor:
+        """1.0 when the last step's IMLE gradient was exactly zero everywhere (the perturbed and target matchings
+        agreed in every graph: no learning signal from that step), else 0.0; NaN before any solve."""
+        share = self.last_gradient_nonzero_share
+        return torch.where(share.isnan(), share, (share == 0).float())
 
     @property
     def last_match_accuracy(self) -> torch.Tensor:
@@ -300,8 +385,8 @@ class LVMMedLoss(nn.Module):
         num_graphs: int,
     ) -> torch.Tensor:
         """(G, n, n) local affinities of (G*n, D, R, S) feature maps and (G*n, R, S, 2) grids."""
-        features1, grid1 = self._pool(features1, grid1)
-        features2, grid2 = self._pool(features2, grid2)
+        features1, grid1 = self._pool(self._observed(features1, "local"), grid1)
+        features2, grid2 = self._pool(self._observed(features2, "local"), grid2)
         box2 = grid_box(grid2).reshape(num_graphs, -1, 4)
         cells = lambda maps: maps.reshape(num_graphs, -1, maps.shape[1], maps.shape[2] * maps.shape[3])  # noqa: E731
         centres = lambda grid: grid.reshape(num_graphs, -1, grid.shape[1] * grid.shape[2], 2)  # noqa: E731
