@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TRACKING_STAMP := $(VENV)/.installed-tracking
 
-.PHONY: demo model test test-all clean
+.PHONY: demo model test test-all clean gpu-wheels
 
 $(STAMP): requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test: $(TRACKING_STAMP)
 
 test-all: $(TRACKING_STAMP)
 	$(PY) -m pytest -q
+
+# The wheels benchmarks/gpu_check.sh installs on a lent GPU machine (no network there; see docs/performance.md).
+gpu-wheels: $(STAMP)
+	$(PY) -m benchmarks.gpu_wheels --dest .gpu-wheels
 
 clean:
 	rm -rf $(VENV) runs

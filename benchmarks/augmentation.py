@@ -6,7 +6,9 @@ views): per sample, each source through ``TwoViewAugmentd`` (the per-sample path
 batched, one call of ``BatchTwoViewAugment`` on the collated batch (the default path, run in the trainer's
 ``prepare_batch``). Both draw the same recipe (crop 25-100 %, flip, jitter 80 %, blur 50 %). Views 224 x 224
 from 256 x 256 sources and 64 x 64 from 128 x 128 (the config's ``source_size``, twice the view), grey
-(1 channel, most medical images) and colour (3), batch 16 (the config's).
+(1 channel, most medical images) and colour (3), batch 16 (the config's). On CUDA, the batched path on batches
+of 256 sources already on the device, beside the per-view path (:func:`device_rates`, which
+``benchmarks.gpu_check`` also runs).
 
 Targets (issue 14): batched >= 10x the per-sample throughput on one CPU core at 224 x 224; >= 5,000 samples/s
 on a GPU (batch 256 at 224 x 224, when one is present).
@@ -18,11 +20,11 @@ import argparse
 
 import torch
 
-from benchmarks.common import Report, Table, Target, interleaved_medians, load_average, machine_summary, synchronize
+from benchmarks.common import Report, Table, Target, interleaved_medians, load_average, machine_summary
 from scripts.transforms.batch_two_view import BatchTwoViewAugment
 from scripts.transforms.two_view import TwoViewAugmentd
 
-__all__ = ["run"]
+__all__ = ["GPU_BATCH", "GPU_RATE_TARGET", "device_rates", "run"]
 
 CPU_RATIO_TARGET = 10.0
 GPU_RATE_TARGET = 5000.0
@@ -52,13 +54,26 @@ def _cpu_rows(view: int, source: int, channels: int, repeats: int, batch: int) -
     return times["per_sample"] / batch, times["batched"] / batch
 
 
-def _gpu_rate(view: int, source: int, channels: int, repeats: int, batch: int, device: torch.device) -> float:
-    """Samples per second of the batched path on ``device``, sources already there."""
+def device_rates(
+    view: int, source: int, channels: int, repeats: int, batch: int, device: torch.device
+) -> dict[str, float]:
+    """Samples per second on ``device`` (sources already there), interleaved medians, of two paths:
+
+    - ``batched``: one ``BatchTwoViewAugment`` call on the whole batch (the default path);
+    - ``per view``: the same transform called on one source at a time, so that its operator calls (on CUDA
+      kernel launches) grow with the batch, as they did in the per-view path tried on the CPU for issue 14
+      (``docs/performance.md``; that path's own code was not kept, its operations were the same kind).
+    """
     images = _sources(batch, channels, source).to(device)
     batched = BatchTwoViewAugment(spatial_size=view, seed=0)
-    seconds = interleaved_medians({"batched": lambda: batched(images)}, repeats=repeats, warmup=2, device=device)
-    synchronize(device)
-    return batch / seconds["batched"]
+
+    def per_view() -> None:
+        for index in range(batch):
+            batched(images[index:index + 1])
+
+    seconds = interleaved_medians({"batched": lambda: batched(images), "per view": per_view}, repeats=repeats,
+                                  warmup=2, device=device)
+    return {path: batch / value for path, value in seconds.items()}
 
 
 def run(quick: bool = False, repeats: int = 5) -> Report:
@@ -89,12 +104,13 @@ def run(quick: bool = False, repeats: int = 5) -> Report:
     if torch.cuda.is_available():
         device = torch.device("cuda")
         gpu = Table(f"CUDA ({torch.cuda.get_device_name(device)}), batched path, sources on the device",
-                    ["view (source)", "channels", "batch", "samples/s"])
+                    ["view (source)", "channels", "batch", "batched samples/s", "per-view samples/s"])
         gpu_batch = batch if quick else GPU_BATCH
         for view, source in settings:
             for channels in (1, 3):
-                rate = _gpu_rate(view, source, channels, repeats, gpu_batch, device)
-                gpu.add(f"{view}² ({source}²)", channels, gpu_batch, f"{rate:,.0f}")
+                rates = device_rates(view, source, channels, repeats, gpu_batch, device)
+                rate = rates["batched"]
+                gpu.add(f"{view}² ({source}²)", channels, gpu_batch, f"{rate:,.0f}", f"{rates['per view']:,.0f}")
                 if view == settings[0][0]:
                     report.targets.append(Target(
                         f"batched throughput on CUDA, {view}², {'grey' if channels == 1 else 'colour'}, "

@@ -14,10 +14,15 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
+from monai.bundle import ConfigParser
 
 __all__ = [
+    "CONFIGS",
+    "build_trainer",
     "Table",
     "Target",
     "Report",
@@ -28,6 +33,36 @@ __all__ = [
     "machine_summary",
     "load_average",
 ]
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def build_trainer(
+    root: Path, name: str, overrides: dict[str, object], config_files: Sequence[str] = ("pretrain.json",)
+) -> tuple[ConfigParser, Any]:
+    """A bundle config's ``train#trainer`` as ``monai.bundle run`` builds it (``initialize`` run first), writing
+    under ``root / name``; the data under ``root / "data"`` (shared by every trainer built under ``root``).
+
+    Args:
+        root: scratch folder of the benchmark.
+        name: sub-folder of ``root`` for this trainer's outputs (checkpoints, TensorBoard, exported encoder).
+        overrides: config ids and values applied after the defaults above (``monai.bundle`` ``--key value``).
+        config_files: files under ``configs/`` merged in order, as ``--config_file "['a.json', 'b.json']"``.
+    """
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / file) for file in config_files])
+    parser.update({
+        "bundle_root": str(CONFIGS.parent),
+        "data_root": str(root / "data"),
+        "output_dir": str(root / name),
+        "encoder_export_path": str(root / name / "encoder.pt"),
+        **overrides,
+    })
+    parser.get_parsed_content("initialize")
+    trainer = parser.get_parsed_content("train#trainer")
+    parser.get_parsed_content("run#0")  # the config's preparation of the handlers (MLflow only) before training
+    return parser, trainer
 
 
 def default_device() -> torch.device:
@@ -82,12 +117,14 @@ class Target:
 
 @dataclass
 class Report:
-    """What one benchmark prints: tables, targets and free-text notes."""
+    """What one benchmark prints: tables, targets and free-text notes; and figures, its main numbers by name, for
+    callers that record them (``benchmarks.gpu_check``'s JSON)."""
 
     name: str
     tables: list[Table] = field(default_factory=list)
     targets: list[Target] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    figures: dict[str, float | int | None] = field(default_factory=dict)
 
     def render(self) -> str:
         parts = [f"## {self.name}", ""]

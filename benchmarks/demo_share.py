@@ -22,6 +22,9 @@ The objective share is (t_LVM-Med - t_NT-Xent) / t_LVM-Med. Target (issue 14): <
 (64², batch 16, CPU). A second table splits the mean iteration of each side into its parts (hooks on the
 network and the objective, MONAI's iteration events, each handler timed), so that the difference can be
 located; ``--profile`` adds the operators inside the objective's forward and backward (``torch.profiler``).
+
+:func:`measure` (the timed runs) and :func:`share_report` (their tables and target) are the two halves of
+:func:`run`; ``benchmarks.gpu_check`` calls them at 224², batch 2 x 64 on CUDA, with handlers of its own attached.
 """
 
 from __future__ import annotations
@@ -32,43 +35,25 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
-from monai.bundle import ConfigParser
 from monai.engines.utils import IterationEvents
 
-from benchmarks.common import Report, Table, Target, default_device, load_average, machine_summary, synchronize
+from benchmarks.common import (Report, Table, Target, build_trainer, default_device, load_average, machine_summary,
+                               synchronize)
 
-__all__ = ["SIDES", "build_trainer", "run"]
+__all__ = ["SIDES", "ShareRun", "measure", "run", "share_report"]
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain.json"
 SHARE_TARGET = 0.10
 SIDES: dict[str, dict[str, object]] = {
     "LVM-Med": {},
     "NT-Xent": {"loss": "@baseline_objectives#simclr"},
 }
 _MARK_PREFIX = "demo_share::"
-
-
-def build_trainer(root: Path, name: str, overrides: dict[str, object]) -> tuple[ConfigParser, Any]:
-    """The config's ``train#trainer`` as ``monai.bundle run`` builds it (``initialize`` run first), writing under
-    ``root / name``; the data under ``root / "data"`` (shared by the sides)."""
-    parser = ConfigParser()
-    parser.read_config(str(CONFIG))
-    parser.update({
-        "bundle_root": str(CONFIG.parents[1]),
-        "data_root": str(root / "data"),
-        "output_dir": str(root / name),
-        "encoder_export_path": str(root / name / "encoder.pt"),
-        **overrides,
-    })
-    parser.get_parsed_content("initialize")
-    trainer = parser.get_parsed_content("train#trainer")
-    parser.get_parsed_content("run#0")  # the config's preparation of the handlers (MLflow only) before training
-    return parser, trainer
 
 
 def _handler_name(function: Callable) -> str:
@@ -303,21 +288,50 @@ def _profile_objective(recorder: _IterationRecorder, iterations: int) -> list[Ta
     return tables
 
 
-def run(
-    quick: bool = False, iterations: int | None = None, blocks: int | None = None, warmup: int | None = None,
-    profile: bool = False, profile_iterations: int = 3,
-) -> Report:
-    """Times both trainers, interleaved (``quick``: 64² views, batch 8, no loader workers, embedding monitor off,
-    2 blocks of 2 iterations; not judged)."""
-    iterations = iterations or (2 if quick else 6)
-    blocks = blocks or (2 if quick else 8)
-    warmup = warmup if warmup is not None else (1 if quick else 2)
+@dataclass
+class ShareRun:
+    """What :func:`measure` recorded: per side, each timed iteration's parts (seconds), and the run's settings."""
+
+    records: dict[str, list[dict[str, float]]]
+    settings: dict[str, object]
+    warmup_seconds: dict[str, float]
+    timed_seconds: float
+    blocks: int
+    iterations: int
+    warmup: int
+    device: torch.device
+    profile_tables: list[Table] = field(default_factory=list)
+
+    def median(self, name: str) -> float:
+        """Median seconds per iteration of one side."""
+        return _median([row["iteration"] for row in self.records[name]])
+
+    @property
+    def share(self) -> float:
+        """(t_LVM-Med - t_NT-Xent) / t_LVM-Med on the medians."""
+        return (self.median("LVM-Med") - self.median("NT-Xent")) / self.median("LVM-Med")
+
+
+def measure(
+    overrides: dict[str, object], iterations: int, blocks: int, warmup: int, device: torch.device,
+    profile: bool = False, profile_iterations: int = 3, deadline: float | None = None,
+    on_trainer: Callable[[str, Any], None] | None = None, after_block: Callable[[str, Any], None] | None = None,
+) -> ShareRun:
+    """Builds both sides with ``overrides`` and times them interleaved (see the module docstring).
+
+    Args:
+        overrides: config ids and values applied to both sides (``device`` and AMP are set from ``device``).
+        iterations, blocks, warmup: iterations per block, timed blocks per side, warm-up iterations per side.
+        device: the training device.
+        profile, profile_iterations: also profile the objective's operators over that many LVM-Med iterations.
+        deadline: ``time.perf_counter()`` after which no further block starts (at least one runs per side).
+        on_trainer: called with (side, trainer) once each trainer is built, to attach extra handlers.
+        after_block: called with (side, trainer) after each timed block of that side.
+    """
     if iterations < 1 or blocks < 1 or warmup < 1:
         raise ValueError(f"iterations, blocks and warmup must be >= 1, got {iterations}, {blocks}, {warmup}")
-    device = default_device()
-    overrides: dict[str, object] = {}
-    if quick:
-        overrides.update(image_size=64, batch_size=8, monitor_interval=None, num_workers=0)
+    overrides = {"device": f"$torch.device({str(device)!r})", "train#trainer#amp": device.type == "cuda",
+                 **overrides}
     with tempfile.TemporaryDirectory() as temporary:
         root = Path(temporary)
         recorders: dict[str, _IterationRecorder] = {}
@@ -332,6 +346,8 @@ def run(
             needed = warmup + blocks * iterations + (profile_iterations if profile else 0) + 1
             if trainer.state.max_epochs * trainer.state.epoch_length < needed:  # more than the config's run
                 trainer.state.max_epochs = -(-needed // trainer.state.epoch_length)  # LR milestones unchanged
+            if on_trainer is not None:
+                on_trainer(name, trainer)
             recorders[name] = _IterationRecorder(trainer, device)
         start = time.perf_counter()
         warmup_seconds = {}
@@ -339,29 +355,39 @@ def run(
             began = time.perf_counter()
             recorder.run_block(warmup, record=False)
             warmup_seconds[name] = time.perf_counter() - began
-        for _ in range(blocks):
-            for recorder in recorders.values():
+        done = 0
+        while done < blocks and (done == 0 or deadline is None or time.perf_counter() < deadline):
+            for name, recorder in recorders.items():
                 recorder.run_block(iterations, record=True)
+                if after_block is not None:
+                    after_block(name, recorder.trainer)
+            done += 1
         timed_seconds = time.perf_counter() - start
         profile_tables: list[Table] = []
         if profile:
             profile_tables = _profile_objective(recorders["LVM-Med"], profile_iterations)
         for recorder in recorders.values():
             recorder.finish()
-    records = {name: recorder.iterations for name, recorder in recorders.items()}
-    medians = {name: _median([r["iteration"] for r in rows]) for name, rows in records.items()}
+    return ShareRun({name: recorder.iterations for name, recorder in recorders.items()}, settings, warmup_seconds,
+                    timed_seconds, done, iterations, warmup, device, profile_tables)
+
+
+def share_report(measured: ShareRun, judged: bool) -> Report:
+    """The tables and the target of a :func:`measure` run (``judged``: whether the target's verdict counts)."""
+    settings, records, device = measured.settings, measured.records, measured.device
+    medians = {name: measured.median(name) for name in records}
     means = {name: statistics.fmean(r["iteration"] for r in rows) for name, rows in records.items()}
-    share = (medians["LVM-Med"] - medians["NT-Xent"]) / medians["LVM-Med"]
+    share = measured.share
     mean_share = (means["LVM-Med"] - means["NT-Xent"]) / means["LVM-Med"]
     describe = (f"image {settings['image_size']}², batch {settings['batch_size']}, {settings['augmentation']} "
                 f"augmentation, num_workers {settings['num_workers']}, AMP {settings['amp']}, {device.type}")
     report = Report(f"Objective share of the demo step (configs/pretrain.json: {describe})")
     report.notes.append(f"machine: {machine_summary(device)}")
     report.notes.append(
-        f"{blocks} blocks of {iterations} iterations per side, alternated, after {warmup} warm-up iteration(s) "
-        f"per side; {timed_seconds:.0f} s in all; epoch length {settings['epoch_length']}")
+        f"{measured.blocks} blocks of {measured.iterations} iterations per side, alternated, after {measured.warmup} "
+        f"warm-up iteration(s) per side; {measured.timed_seconds:.0f} s in all; epoch length {settings['epoch_length']}")
     report.notes.append(
-        "warm-up (not timed): " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in warmup_seconds.items())
+        "warm-up (not timed): " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in measured.warmup_seconds.items())
         + " (Events.STARTED: the embedding monitor's first evaluation, once per side; LVM-Med's first solver call "
         "loads the numba cache of scripts/objective/qap.py, or compiles it when the cache is cold)")
     table = Table("Seconds per training iteration (trainer.run(), all handlers)",
@@ -373,14 +399,30 @@ def run(
     table.add("objective share", "(LVM-Med - NT-Xent) / LVM-Med", f"**{share:.1%}**", f"{mean_share:.1%}", "-", "-", "-")
     report.tables.append(table)
     report.tables.append(_breakdown(records))
-    report.tables.extend(profile_tables)
+    report.tables.extend(measured.profile_tables)
     report.notes.append(f"load average at the end: {load_average()}")
-    judged = not quick and device.type == "cpu" and settings["image_size"] == 64 and settings["batch_size"] == 16
     report.targets.append(Target(
-        f"objective share of the demo step ({device.type}, {settings['image_size']}², batch {settings['batch_size']}, "
+        f"objective share of the step ({device.type}, {settings['image_size']}², batch {settings['batch_size']}, "
         f"LVM-Med vs NT-Xent side by side, medians)", f"{share:.1%}", f"<= {SHARE_TARGET:.0%}",
         share <= SHARE_TARGET if judged else None))
     return report
+
+
+def run(
+    quick: bool = False, iterations: int | None = None, blocks: int | None = None, warmup: int | None = None,
+    profile: bool = False, profile_iterations: int = 3,
+) -> Report:
+    """Times both trainers, interleaved, at the demo's setting (``quick``: 64² views, batch 8, no loader workers,
+    embedding monitor off, 2 blocks of 2 iterations; not judged)."""
+    overrides: dict[str, object] = {}
+    if quick:
+        overrides.update(image_size=64, batch_size=8, monitor_interval=None, num_workers=0)
+    device = default_device()
+    measured = measure(overrides, iterations or (2 if quick else 6), blocks or (2 if quick else 8),
+                       warmup if warmup is not None else (1 if quick else 2), device, profile, profile_iterations)
+    settings = measured.settings
+    judged = not quick and device.type == "cpu" and settings["image_size"] == 64 and settings["batch_size"] == 16
+    return share_report(measured, judged)
 
 
 def _breakdown(records: dict[str, list[dict[str, float]]]) -> Table:

@@ -269,6 +269,9 @@ def run(quick: bool = False, repeats: int = 3, encoder_repeats: int = 1, device:
         table.add("objective / ResNet-50 step", f"{share:.2%}", f"<= {share_target:.0%}",
                   "met" if share <= share_target else "not met")
     report.tables.append(table)
+    report.figures.update(operator_calls=counts.top_level_ops, sync_events=counts.syncs,
+                          sync_warnings=counts.sync_warnings, solver_ms=round(solver_ms, 3),
+                          objective_ms=round(1e3 * objective_seconds, 3))
     outside = ", ".join(f"{name} {count}" for name, count in counts.outside_solver.most_common(25))
     report.notes.append(f"top-level operator calls outside the solver, most frequent first: {outside}")
     syncs = ", ".join(f"{name} {count}" for name, count in counts.sync_names.most_common()) or "none"
