@@ -17,9 +17,9 @@ from torch import nn
 from scripts.objective.lvmmed_loss import LVMMedLoss
 
 SETTINGS: dict[str, dict] = {
-    "default (residual GCN, noise 0.1)": {},
+    "defaults": {},
     "GCN of Eq. 1 without residual": {"gcn_residual": False},
-    "Gumbel scale 1.0": {"noise_scale": 1.0},
+    "absolute Gumbel scale 1.0": {"noise_reference": "absolute", "noise_scale": 1.0},
     "no second order": {"second_order": False},
     "no message passing": {"message_passing": False},
     "no Gumbel noise (margin 1)": {"noise": "none"},

@@ -151,6 +151,8 @@ SCHEMAS: dict[str, dict[str, Spec]] = {
         "max_grad_norm": Number(0, exclusive_minimum=True, optional=True),
         "log_interval": Integer(1),
         "monitor_interval": Integer(1, optional=True),
+        "monitor_samples": Integer(1, optional=True),
+        "knn_datalist": ExistingPath(),
         "progress_bar": Switch(),
         "balance_modalities": Switch(),
         "embedding_dim": Integer(1),

@@ -1,7 +1,9 @@
-"""Index a manifest and report what it yields: ``python -m scripts.manifest_report manifest.json``.
+"""Index a manifest and report what it yields: ``python -m scripts.manifest_report manifest.json`` (or a folder).
 
-Builds :class:`~scripts.data.slices.PretrainSliceDataset` (skipping bad files) and prints the number of
-samples per modality and per dataset, then every skipped file with its reason.
+Builds :class:`~scripts.data.slices.PretrainSliceDataset` (skipping bad files) from a manifest, or from a folder
+scanned as ``make_manifest`` does, and prints the number of samples per modality and per dataset with where
+each dataset's modality came from (``manifest``; for a folder, the DICOM Modality tag or a folder name), a note
+on datasets whose modality was not found, then every skipped file with its reason.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from scripts.data.folder_scan import NOT_FOUND, modality_hint
 from scripts.data.slices import PretrainSliceDataset
 
 __all__ = ["main", "report"]
@@ -26,14 +29,19 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]
 
 
 def report(dataset: PretrainSliceDataset) -> str:
-    """Sample counts per modality and per dataset (entries that yield nothing included), then skipped files."""
+    """Sample counts per modality and per dataset (entries that yield nothing included) with where each modality
+    came from, a note on datasets of unknown modality, then skipped files."""
     per_modality = Counter(dataset.modalities)
     per_dataset = Counter(dataset.dataset_names)
     lines = [f"{len(dataset)} samples from {len(dataset.entries)} dataset(s); {len(dataset.skipped)} skipped", ""]
     lines += _table(("modality", "samples"), sorted(per_modality.items(), key=lambda item: (-item[1], item[0])))
     lines.append("")
-    lines += _table(("dataset", "modality", "dim", "label", "samples"),
-                    [(e.name, e.modality, f"{e.dimension}D", e.label, per_dataset[e.name]) for e in dataset.entries])
+    lines += _table(("dataset", "modality", "modality from", "dim", "label", "samples"),
+                    [(e.name, e.modality, dataset.modality_sources[e.name], f"{e.dimension}D", e.label,
+                      per_dataset[e.name]) for e in dataset.entries])
+    unknown = [name for name, source in dataset.modality_sources.items() if source == NOT_FOUND]
+    if unknown:
+        lines += ["", f"note: {modality_hint(unknown)}"]
     if dataset.skipped:
         lines += ["", "skipped:"]
         lines += [f"  {path}: {reason}" for path, reason in dataset.skipped]
@@ -42,7 +50,7 @@ def report(dataset: PretrainSliceDataset) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("manifest", type=Path, help="manifest (.json or .csv)")
+    parser.add_argument("manifest", type=Path, help="manifest (.json or .csv), or a folder of images to scan")
     parser.add_argument("--min-foreground", type=float, default=0.0,
                         help="leave out slices with a smaller share of foreground pixels (reads all data)")
     parser.add_argument("--verify-data", action="store_true",

@@ -287,7 +287,7 @@ def test_make_manifest_round_trip(tmp_path: Path, suffix: str, capsys: pytest.Ca
         "flat": ("other", 2, "nifti"),
         "mixed:nifti": ("other", 3, "nifti"),
         "mixed:png": ("other", 2, "png"),
-        "mri": ("other", 3, "nifti"),
+        "mri": ("MRI", 3, "nifti"),  # by its folder's name
         "photos/skin": ("dermoscopy", 2, "png"),
     }
     assert entries["mri"].path == (root / "mri" / "*").resolve()
@@ -321,6 +321,6 @@ def test_manifest_report_prints_counts_and_skipped(
     out = capsys.readouterr().out
     assert out.startswith("304 samples from 10 dataset(s); 1 skipped")
     assert "MRI         90" in out and "colour      48" in out
-    assert "phantom-rings       colour      2D   rings        48" in out
-    assert "lost                PET         3D   PET          0" in out
+    assert "phantom-rings       colour      manifest       2D   rings        48" in out
+    assert "lost                PET         manifest       3D   PET          0" in out
     assert f"  {tmp_path / 'lost.nii'}: no such file or folder" in out

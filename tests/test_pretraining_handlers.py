@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,16 @@ from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 
 from scripts.handlers.checkpoint import AtomicCheckpointSaver, ResumeFromLatest, latest_checkpoint
-from scripts.handlers.embedding_monitor import EmbeddingMonitor, effective_rank, knn_accuracy
+from scripts.handlers.embedding_monitor import (
+    EmbeddingMonitor,
+    alignment,
+    effective_rank,
+    knn_accuracy,
+    labelled_data_loader,
+    second_view,
+    spread_subset,
+    uniformity,
+)
 from scripts.handlers.encoder_export import EncoderExport
 from scripts.handlers.gradient_clipping import GradientClipping
 from scripts.handlers.objective_stats import ObjectiveStats
@@ -134,3 +144,79 @@ def test_embedding_monitor_reports_start_and_epoch_figures() -> None:
     metrics = trainer.state.metrics
     assert {"knn_accuracy", "knn_accuracy_at_start", "embedding_std", "effective_rank"} <= set(metrics)
     assert metrics["knn_accuracy"] == 1.0  # the two classes differ by a constant intensity offset
+
+
+def test_alignment_and_uniformity() -> None:
+    embeddings = torch.randn(64, 16)
+    assert alignment(embeddings, embeddings * 3.0) == pytest.approx(0.0, abs=1e-6)  # same directions
+    assert alignment(embeddings, -embeddings) == pytest.approx(4.0, abs=1e-5)
+    collapsed = torch.ones(64, 16) + 1e-4 * torch.randn(64, 16)
+    assert uniformity(collapsed) == pytest.approx(0.0, abs=1e-3)
+    assert uniformity(embeddings) < -1.0  # spread over the sphere
+    assert second_view(torch.arange(100.0).reshape(1, 1, 10, 10)).shape == (1, 1, 10, 10)
+
+
+def test_spread_subset_keeps_every_part_of_the_collection() -> None:
+    data = list(range(1000))
+    subset = spread_subset(data, 10)
+    assert [subset[i] for i in range(len(subset))] == [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]
+    assert spread_subset(data, 5000) is data and spread_subset(data, None) is data
+    with pytest.raises(ValueError, match="monitor_samples must be a positive integer or None, got 0"):
+        spread_subset(data, 0)
+
+
+def _images(count: int, labels: list | None, offset: float = 1.0) -> list[dict]:
+    rng = np.random.default_rng(1)
+    items = []
+    for i in range(count):
+        item = {"image": torch.as_tensor(rng.random((3, 32, 32), dtype=np.float32)) + offset * (i % 2)}
+        if labels is not None:
+            item["label"] = labels[i % len(labels)]
+        items.append(item)
+    return items
+
+
+def test_monitor_on_unlabelled_own_data_reads_the_knn_set_it_is_given(caplog: pytest.LogCaptureFixture) -> None:
+    model = tiny_model()
+    own = DataLoader(_images(12, ["ultrasound"]), batch_size=6)  # one modality: no kNN vote possible on it
+    alone = EmbeddingMonitor(model.network, own, k=3, data_name="the pretraining images of /data/mine")
+    with caplog.at_level("INFO", logger="scripts.handlers.embedding_monitor"):
+        trainer, _ = make_trainer(model, [alone], max_epochs=1)
+        trainer.run()
+    metrics = trainer.state.metrics
+    assert {"embedding_std", "effective_rank", "alignment", "uniformity"} <= set(metrics)
+    assert "knn_accuracy" not in metrics and "knn_accuracy_at_start" not in metrics
+    assert "on the pretraining images of /data/mine (12 images)" in caplog.text
+    assert "no kNN accuracy: the dataset labels of the pretraining images of /data/mine (12 images) hold 1 label(s)" \
+        in caplog.text
+    assert "labelled split" not in caplog.text
+
+    caplog.clear()
+    labelled = DataLoader(_images(10, ["benign", "malignant"]), batch_size=5)
+    with_knn = EmbeddingMonitor(model.network, own, k=3, data_name="the pretraining images of /data/mine",
+                                knn_loader=labelled, knn_name="the labelled datalist /data/knn.json")
+    with caplog.at_level("INFO", logger="scripts.handlers.embedding_monitor"):
+        trainer, _ = make_trainer(model, [with_knn], max_epochs=1)
+        trainer.run()
+    assert trainer.state.metrics["knn_accuracy"] == 1.0  # the two classes differ by a constant offset
+    assert "kNN accuracy 1.000 on the labelled datalist /data/knn.json (10 images, 2 classes)" in caplog.text
+    assert "kNN accuracy on the labelled datalist /data/knn.json: " in caplog.text
+
+
+def test_labelled_data_loader_reads_a_classification_datalist(tmp_path: Path) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    items = []
+    for k, name in enumerate(["benign", "malignant", "benign", "malignant", "benign", "malignant"]):
+        Image.fromarray(rng.integers(0, 255, (20, 30), dtype=np.uint8)).save(tmp_path / f"{k}.png")
+        items.append({"image": f"{k}.png", "label": name})
+    datalist = tmp_path / "knn.json"
+    datalist.write_text(json.dumps({"classes": ["benign", "malignant"], "training": items[:4],
+                                    "validation": items[4:]}))
+    batches = list(labelled_data_loader(datalist, image_size=16, batch_size=4))
+    assert [tuple(batch["image"].shape) for batch in batches] == [(4, 3, 16, 16), (2, 3, 16, 16)]
+    assert torch.cat([batch["label"] for batch in batches]).tolist() == [0, 1, 0, 1, 0, 1]
+    datalist.write_text(json.dumps({"classes": ["benign", "malignant"], "test": items}))
+    with pytest.raises(ValueError, match=f"knn_datalist {datalist}: has none of the splits training, validation"):
+        labelled_data_loader(datalist, image_size=16)

@@ -4,10 +4,18 @@ Libraries: MONAI's ``PILReader`` for PNG/JPEG, nibabel for NIfTI, pydicom for DI
 
 - 2D: (H, W) grey, or (H, W, 3) colour (palette, RGBA, CMYK ... are converted to RGB, alpha is dropped);
 - 3D: the stored axis order; NIfTI as nibabel gives it (not reoriented), a multi-frame DICOM file as
-  (rows, columns, frames), a DICOM series as (rows, columns, slices) with slices in spatial order.
+  (rows, columns, frames), a DICOM series as (rows, columns, slices) with slices in spatial order; colour
+  DICOM (a multi-frame ultrasound cine, 2D+t) as (rows, columns, frames, 3), YBR converted to RGB.
+
+Palette colour (PNG or DICOM PALETTE COLOR) becomes 8-bit RGB: a DICOM palette's entries are scaled from the
+bits its LUT descriptor gives (8 or 16) to 0-255, so the same picture gives the same values whatever the LUT's
+bit depth and the file's byte order.
 
 Values are in stored units after rescaling (NIfTI ``scl_slope``/``scl_inter``, DICOM Rescale Slope/Intercept
 or Modality LUT, so CT is in HU); DICOM MONOCHROME1 is inverted so that bright means dense.
+
+Compressed DICOM (JPEG baseline and lossless, JPEG-LS, JPEG 2000, RLE) is decoded by pydicom's pixel-data
+plugins (pylibjpeg with its libjpeg, openjpeg and rle plugins, pyjpegls, Pillow; see requirements.txt).
 
 Every problem (missing file, unknown format, corrupt or truncated file, DICOM without pixel data or without
 a decoder, 4D, empty, NaN/Inf) raises :class:`ImageReadError` naming the file and the problem. Header reads
@@ -156,8 +164,6 @@ def _check_shape(path: Path, shape: Sequence[int], channels: int) -> tuple[int, 
                                    "(a singleton extra dimension is dropped)")
     if len(squeezed) < 2:
         raise ImageReadError(path, f"1D image of shape {shape}: only 2D and 3D images are supported")
-    if len(squeezed) == 3 and channels > 1:
-        raise ImageReadError(path, f"colour volume of shape {shape} x {channels} channels (4D) is not supported")
     return tuple(squeezed)
 
 
@@ -266,7 +272,11 @@ def _dicom_dataset_header(path: Path) -> Dataset:
         if syntax.is_compressed:
             from pydicom.pixels import get_decoder  # see _dicom_data on this late import
 
-            decoder = get_decoder(syntax)
+            try:
+                decoder = get_decoder(syntax)
+            except NotImplementedError:
+                raise ImageReadError(path, f"pydicom has no decoder for the transfer syntax {syntax.name} "
+                                           f"({syntax})") from None
             if not decoder.is_available:
                 raise ImageReadError(path, f"no installed decoder for the transfer syntax {syntax.name} "
                                            f"(needs one of: {'; '.join(decoder.missing_dependencies)})")
@@ -295,18 +305,55 @@ def _dicom_header(path: Path) -> ImageHeader:
     return ImageHeader(path, "dicom", _check_shape(path, shape, channels), channels)
 
 
+_PALETTE_CHANNELS = ("Red", "Green", "Blue")
+
+
+def _palette_rgb(path: Path, indices: np.ndarray, ds: Dataset) -> np.ndarray:
+    """8-bit RGB of a PALETTE COLOR image: pydicom's ``apply_color_lut``, with two corrections.
+
+    pydicom 3.0 reads non-segmented 16-bit LUT data in the machine's byte order, so the 8-bit entries of a
+    big-endian file come back as 0-65280 where the little-endian file gives 0-255; and it returns 8- or 16-bit
+    values depending on the LUT. Here a big-endian file's LUT data is byte-swapped before the lookup, and the
+    entries are scaled from the descriptor's bits (8 or 16) to 0-255.
+    """
+    from pydicom.pixels import apply_color_lut  # see _dicom_data on this late import
+
+    descriptor = ds.get("RedPaletteColorLookupTableDescriptor")
+    if descriptor is None or len(descriptor) != 3 or int(descriptor[2]) not in (8, 16):
+        raise ImageReadError(path, f"PALETTE COLOR image whose Red Palette Color Lookup Table Descriptor "
+                                   f"{descriptor!r} does not give 8 or 16 bits per entry")
+    bits, entries = int(descriptor[2]), int(descriptor[0]) or 2**16
+    lut = ds
+    if "RedPaletteColorLookupTableData" in ds and not ds.file_meta.TransferSyntaxUID.is_little_endian:
+        lut = Dataset()
+        for colour in _PALETTE_CHANNELS:
+            setattr(lut, f"{colour}PaletteColorLookupTableDescriptor",
+                    ds[f"{colour}PaletteColorLookupTableDescriptor"].value)
+            data = ds[f"{colour}PaletteColorLookupTableData"].value
+            if len(data) == 2 * entries:  # 16-bit words (8-bit entries may also be stored one per byte)
+                data = np.frombuffer(data, dtype=">u2").astype("<u2").tobytes()
+            setattr(lut, f"{colour}PaletteColorLookupTableData", data)
+    rgb = apply_color_lut(indices, lut)[..., :3]
+    top = 2**bits - 1
+    if int(rgb.max()) > top:
+        raise ImageReadError(path, f"PALETTE COLOR lookup table holds values up to {int(rgb.max())} but its "
+                                   f"descriptor gives {bits} bits per entry")
+    return rgb.astype(np.uint8) if bits == 8 else np.round(rgb * (255.0 / top)).astype(np.uint8)
+
+
 def _dicom_data(path: Path) -> np.ndarray:
-    """Pixels in modality units (HU for CT), frames last, MONOCHROME1 inverted, palette colour as RGB."""
+    """Pixels in modality units (HU for CT), frames before channels, MONOCHROME1 inverted, palette colour as
+    8-bit RGB."""
     # pydicom.pixels is pydicom 3's API; imported here so that this module (and the bundle's configs) also import
     # where pydicom 2 is pinned (MONAI Label's environment needs pydicom<3), which only fails on reading DICOM
-    from pydicom.pixels import apply_color_lut, apply_modality_lut
+    from pydicom.pixels import apply_modality_lut
 
     with _reading(path, "cannot decode DICOM pixel data"):
         ds = pydicom.dcmread(path)
-        array = ds.pixel_array
+        array = ds.pixel_array  # YBR colour comes back as RGB
         photometric = ds.get("PhotometricInterpretation", "")
         if photometric == "PALETTE COLOR":
-            array = apply_color_lut(array, ds)
+            array = _palette_rgb(path, array, ds)
         else:
             array = apply_modality_lut(array, ds)
         if photometric == "MONOCHROME1":
@@ -317,13 +364,16 @@ def _dicom_data(path: Path) -> np.ndarray:
 
 
 def group_dicom_series(files: Sequence[Path]) -> list[tuple[Path, ...]]:
-    """DICOM files grouped by SeriesInstanceUID, groups in order of first appearance. A file whose header cannot
-    be read forms a group of its own, so that reading it reports the problem."""
+    """DICOM files grouped by SeriesInstanceUID, groups in order of first appearance. A multi-frame file (an
+    ultrasound series often holds several cine loops) and a file whose header cannot be read form a group of
+    their own, so that each loop is one volume and reading an unreadable file reports the problem."""
     groups: dict[str, list[Path]] = {}
     for file in files:
         try:
-            uid = str(pydicom.dcmread(file, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
-                      .get("SeriesInstanceUID", f"no-series-uid:{file.parent}"))
+            ds = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "NumberOfFrames"])
+            multi_frame = int(ds.get("NumberOfFrames") or 1) > 1
+            uid = f"multi-frame:{file}" if multi_frame else str(ds.get("SeriesInstanceUID",
+                                                                       f"no-series-uid:{file.parent}"))
         except Exception:  # noqa: BLE001 - reported with its reason when the group is read
             uid = f"unreadable:{file}"
         groups.setdefault(uid, []).append(file)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from scripts.data.folder_scan import NOT_FOUND, modality_hint, scan_folder
 from scripts.data.header_cache import HeaderCache, header_cache_path
 from scripts.data.intensity import normalise_intensity, to_channel_first
 from scripts.data.manifest import SourceDataset, load_manifest
@@ -58,6 +59,10 @@ def _slice_count(image: _Image) -> int:
         if len(shape) == 2:
             raise ImageReadError(path, f"2D image of shape {shape} in the 3D dataset {entry.name!r} "
                                        "(set the dataset's dimension to 2)")
+        if image.header.channels > 1 and entry.slice_axis != 2:
+            raise ImageReadError(path, f"colour volume of shape {shape} (a cine loop: rows, columns, frames) in the "
+                                       f"dataset {entry.name!r} with slice_axis {entry.slice_axis}: colour volumes are "
+                                       "cut into their frames only (slice_axis 2)")
         plane = tuple(s for axis, s in enumerate(shape) if axis != entry.slice_axis)
         count = shape[entry.slice_axis]
     if min(plane) < 2:
@@ -66,7 +71,8 @@ def _slice_count(image: _Image) -> int:
 
 
 class PretrainSliceDataset(Dataset):
-    """2D pretraining samples from a manifest: each 2D image is one sample, each 3D volume one per slice.
+    """2D pretraining samples from a manifest: each 2D image is one sample, each 3D volume one per slice (each
+    frame of a colour cine loop is one RGB sample).
 
     A sample is the dict ``{"image": float32 tensor (C, H, W) in [0, 1] (C = 1 grey, 3 colour), "modality": str,
     "label": str, "source": str (the file, or the folder of a DICOM series), "slice": int (index along the
@@ -74,7 +80,9 @@ class PretrainSliceDataset(Dataset):
     are normalised per image or per whole volume (:mod:`scripts.data.intensity`).
 
     Args:
-        manifest: a manifest file (JSON or CSV) or its entries.
+        manifest: a manifest file (JSON or CSV), its entries, or a folder of images, scanned into entries as
+            ``python -m scripts.make_manifest`` does (:func:`scripts.data.folder_scan.scan_folder`; nothing is
+            written into it).
         transform: a callable applied to each sample dict (e.g. a MONAI ``Compose`` ending in
             ``TwoViewAugmentd``).
         min_foreground: keep only slices (and 2D images) whose share of foreground pixels is at least this;
@@ -87,10 +95,12 @@ class PretrainSliceDataset(Dataset):
         verify_data: read every image's data at construction (slower; also finds corrupt compressed data and
             NaN/Inf values).
         header_cache: where headers are remembered between runs: True for ``<manifest>.headers.json`` beside a
-            manifest file (none when ``manifest`` is a list of entries), a path for that file, False for none.
+            manifest file (none for a folder or a list of entries), a path for that file, False for none.
 
     Attributes:
         skipped: ``(path, reason)`` of every image or entry left out.
+        modality_sources: entry name -> how its modality was found (``"manifest"`` for a manifest's entries, the
+            rule of :mod:`scripts.data.folder_scan` for a scanned folder's).
         headers_reused, headers_read: headers taken from the header cache / read from the files.
     """
 
@@ -112,7 +122,20 @@ class PretrainSliceDataset(Dataset):
             raise ValueError(f"min_foreground must lie in [0, 1], got {min_foreground}")
         if cache_size < 0:
             raise ValueError(f"cache_size must be >= 0, got {cache_size}")
-        self.entries = load_manifest(manifest) if isinstance(manifest, (str, Path)) else list(manifest)
+        folder = isinstance(manifest, (str, Path)) and Path(manifest).is_dir()
+        if folder:
+            scanned, _ = scan_folder(manifest)  # unreadable files are reported when their headers are read below
+            self.entries = [item.entry for item in scanned]
+            self.modality_sources = {item.entry.name: item.modality_source for item in scanned}
+            for item in scanned:
+                logger.info("%s: dataset %r, %s, modality %s (from %s)", manifest, item.entry.name,
+                            f"{item.entry.dimension}D", item.entry.modality, item.modality_source)
+            unknown = [name for name, source in self.modality_sources.items() if source == NOT_FOUND]
+            if unknown:
+                logger.warning("%s: %s", manifest, modality_hint(unknown))
+        else:
+            self.entries = load_manifest(manifest) if isinstance(manifest, (str, Path)) else list(manifest)
+            self.modality_sources = {entry.name: "manifest" for entry in self.entries}
         self.transform = transform
         self.min_foreground = float(min_foreground)
         self.foreground_level = float(foreground_level)
@@ -124,7 +147,7 @@ class PretrainSliceDataset(Dataset):
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         read_data = verify_data or self.min_foreground > 0
         if header_cache is True:
-            cache_file = header_cache_path(manifest) if isinstance(manifest, (str, Path)) else None
+            cache_file = header_cache_path(manifest) if isinstance(manifest, (str, Path)) and not folder else None
         else:
             cache_file = header_cache or None
         self._headers = HeaderCache(cache_file) if cache_file is not None else None
@@ -185,10 +208,11 @@ class PretrainSliceDataset(Dataset):
         mask = values > self.foreground_level
         if entry.dimension == 2:
             return np.array([mask.mean()])
-        return mask.mean(axis=tuple(axis for axis in range(3) if axis != entry.slice_axis))
+        return mask.mean(axis=tuple(axis for axis in range(mask.ndim) if axis != entry.slice_axis))
 
     def _values(self, number: int) -> np.ndarray:
-        """Normalised values of image ``number``: (C, H, W) for 2D, the whole volume for 3D; LRU-cached."""
+        """Normalised values of image ``number``: (C, H, W) for 2D, the whole volume for 3D ((H, W, D) grey,
+        (H, W, T, 3) colour); LRU-cached."""
         if number in self._cache:
             self._cache.move_to_end(number)
             return self._cache[number]
@@ -213,7 +237,7 @@ class PretrainSliceDataset(Dataset):
         if image.entry.dimension == 2:
             pixels = values.copy()
         else:
-            pixels = np.take(values, slice_index, axis=image.entry.slice_axis)[None]
+            pixels = to_channel_first(np.take(values, slice_index, axis=image.entry.slice_axis))
         sample = {
             "image": torch.from_numpy(np.ascontiguousarray(pixels)),
             "modality": image.entry.modality,

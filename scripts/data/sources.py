@@ -7,7 +7,8 @@
 - Hidden files and folders, ``DICOMDIR`` files and files of no known format are ignored; with a ``format``
   only files of that format are kept.
 - DICOM files become one image each (format ``dicom``: 2D, or 3D for multi-frame files), or one volume per
-  SeriesInstanceUID (format ``dicom-series``); without a ``format``, 3D entries group DICOM files into series.
+  SeriesInstanceUID (format ``dicom-series``; a multi-frame file, such as a cine loop, is a volume of its own,
+  named by its file); without a ``format``, 3D entries group DICOM files into series.
 
 A path that matches nothing raises :class:`~scripts.data.readers.ImageReadError` naming it; problems of the
 individual images are left to :func:`~scripts.data.readers.read_header`.
@@ -79,6 +80,7 @@ def expand_entry(entry: SourceDataset) -> list[ImageSource]:
     sources = [ImageSource(file, fmt) for file, fmt in files.items() if not (fmt == "dicom" and as_series)]
     dicom_files = [file for file, fmt in files.items() if fmt == "dicom" and as_series]
     for series in group_dicom_series(dicom_files):
-        folder = Path(os.path.commonpath([file.parent for file in series]))
-        sources.append(ImageSource(folder, "dicom-series", series))
+        # a series of one file (a multi-frame cine loop, say) is named by its file, so loops sharing a folder differ
+        where = series[0] if len(series) == 1 else Path(os.path.commonpath([file.parent for file in series]))
+        sources.append(ImageSource(where, "dicom-series", series))
     return sources

@@ -107,7 +107,7 @@ class LVMMedLoss(nn.Module):
         alpha: float = 0.8,
         lambda_: float = 3.0,
         num_samples: int = 1,
-        noise_scale: float = 0.5,
+        noise_scale: float = 2.0,
         noise_reference: Literal["spread", "absolute"] = "spread",
         margin: float = 1.0,
         gcn_features: tuple[int, ...] = (128, 128),
