@@ -8,14 +8,15 @@ string ``"false"``, which is truthy. Every workflow config calls :func:`check_co
 MONAI gives a config expression no handle on the parser that evaluates it, and a ``ConfigWorkflow`` does
 not keep its file names; :func:`check_config` therefore takes the parser from the call stack (the
 ``ConfigParser.get_parsed_content`` frame that evaluates the expression) and re-reads the bundle's own
-config files to tell the keys written there from the ones added on the command line.
+config files to tell the keys written there from the ones added on the command line. A top-level key that none
+of them defines (``--max_epoch 1`` for ``max_epochs``) stops the run with its near matches: MONAI would add it
+silently and run with the default. The keys MONAI's experiment tracking (``--tracking``) adds are known too.
 """
 
 from __future__ import annotations
 
 import difflib
 import inspect
-import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,16 +24,20 @@ from pathlib import Path
 from typing import Any
 
 from monai.bundle import ConfigParser
+from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS
 
 __all__ = ["SCHEMAS", "ConfigValueError", "Choice", "ExistingPath", "Integer", "Number", "Switch",
-           "check_config", "check_values", "unknown_keys"]
+           "TRACKING_KEYS", "check_config", "evaluating_parser", "check_values", "unknown_keys"]
 
-logger = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+# top-level keys ``monai.bundle run --tracking NAME`` adds to a config (its settings' "configs" that are not handlers)
+TRACKING_KEYS = tuple(dict.fromkeys(key for settings in DEFAULT_EXP_MGMT_SETTINGS.values()
+                                    for key in settings["configs"] if key not in settings["handlers_id"]))
 
 
 class ConfigValueError(ValueError):
-    """One or more user-facing config values have the wrong type or are out of range; the message names each."""
+    """One or more user-facing config values have the wrong type or are out of range, or a key is unknown; the
+    message names each."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,8 @@ _TRAIN = {
     "checkpoint_interval": Integer(1),
     "non_finite": Choice(("stop", "skip")),
     "pretrained_encoder": ExistingPath(),
+    "resume": Switch(),
+    "progress_bar": Switch(),
 }
 _SEGMENTATION = {
     "volumetric": Switch(),
@@ -138,7 +145,7 @@ _SEGMENTATION = {
     "datalist_file": ExistingPath(),
     "validation_fraction": Number(0, 1),
 }
-_INFERENCE = {"stop_on_error": Switch()}
+_INFERENCE = {"stop_on_error": Switch(), "progress_bar": Switch()}
 _PROMPT = {
     "encoder_image_size": Integer(16),
     "encoder_use_abs_pos": Switch(),
@@ -153,7 +160,6 @@ SCHEMAS: dict[str, dict[str, Spec]] = {
         "monitor_interval": Integer(1, optional=True),
         "monitor_samples": Integer(1, optional=True),
         "knn_datalist": ExistingPath(),
-        "progress_bar": Switch(),
         "balance_modalities": Switch(),
         "embedding_dim": Integer(1),
         "augmentation": Choice(("batched", "per_sample")),
@@ -165,13 +171,12 @@ SCHEMAS: dict[str, dict[str, Spec]] = {
         "val_interval": Integer(1),
         "validate_at_start": Switch(),
         "max_grad_norm": Number(0, exclusive_minimum=True, optional=True),
-        "resume": Switch(),
         "log_interval": Integer(1),
         "cache_rate": Number(0, 1),
     },
     # the weights file is required when the run starts (scripts.required_weights names the command that makes it),
     # not at initialize, so that MONAI's checks and MONAI Label can read a bundle without its weights
-    "evaluate": {**_RUN, **_SEGMENTATION, "seed": Integer(0)},
+    "evaluate": {**_RUN, **_SEGMENTATION, "seed": Integer(0), "progress_bar": Switch()},
     "inference": {**_RUN, **_SEGMENTATION, **_INFERENCE, "seed": Integer(0), "separate_folder": Switch(),
                   "dicom_seg": Switch()},
     "train_cls": {
@@ -212,7 +217,6 @@ SCHEMAS: dict[str, dict[str, Spec]] = {
         "max_box_margin": Integer(0),
         "box_margin_reference_size": Integer(1),
         "log_interval": Integer(1),
-        "progress_bar": Switch(),
     },
     "inference_prompt_seg": {
         **_PROMPT, **_INFERENCE,
@@ -258,20 +262,21 @@ def _file_keys(config_names: Sequence[str]) -> list[str]:
     return list(keys)
 
 
-def _evaluating_parser() -> ConfigParser:
+def evaluating_parser() -> ConfigParser:
+    """The ``ConfigParser`` evaluating the config expression that (indirectly) calls this, found on the call stack."""
     frame = inspect.currentframe()
     while frame is not None:
         candidate = frame.f_locals.get("self")
         if isinstance(candidate, ConfigParser):
             return candidate
         frame = frame.f_back
-    raise RuntimeError("check_config must be called from a config expression (e.g. the config's 'initialize' list)")
+    raise RuntimeError("must be called from a config expression (e.g. the config's 'initialize' or 'run' list)")
 
 
 def check_config(*config_names: str, parser: ConfigParser | None = None) -> None:
-    """Checks the config being run: each user-facing value of ``SCHEMAS[config_names[0]]`` by type and range, and
-    warns about each top-level key that none of the bundle's files ``configs/{name}.json`` defines (an override
-    key with a typo), listing the near matches.
+    """Checks the config being run: each top-level key must be defined by one of the bundle's files
+    ``configs/{name}.json`` (or added by MONAI's ``--tracking``), and each user-facing value of
+    ``SCHEMAS[config_names[0]]`` must have its type and range.
 
     Args:
         config_names: the config files merged for this run, without ``.json`` (e.g. ``"pretrain",
@@ -279,16 +284,21 @@ def check_config(*config_names: str, parser: ConfigParser | None = None) -> None
         parser: the parser of the config; by default the one evaluating the expression that calls this.
 
     Raises:
-        ConfigValueError: naming every bad key with its value and what it must be.
+        ConfigValueError: naming every unknown key with its near matches (an override with a typo), or else every
+            bad value with what it must be.
     """
     if not config_names or config_names[0] not in SCHEMAS:
         raise ValueError(f"check_config needs a config name among {sorted(SCHEMAS)}, got {config_names!r}")
-    parser = parser if parser is not None else _evaluating_parser()
+    parser = parser if parser is not None else evaluating_parser()
     present = [key for key in parser.config if isinstance(key, str)]
-    for key, matches in unknown_keys(present, _file_keys(config_names)).items():
-        hint = f"; did you mean {' or '.join(repr(m) for m in matches)}?" if matches else ""
-        logger.warning("unknown config key %r (set to %r) is not in %s and is not used by the workflow%s", key,
-                       parser.config[key], ", ".join(f"configs/{name}.json" for name in config_names), hint)
+    files = ", ".join(f"configs/{name}.json" for name in config_names)
+    unknown = unknown_keys(present, [*_file_keys(config_names), *TRACKING_KEYS])
+    if unknown:
+        raise ConfigValueError("; ".join(
+            f"unknown config key {key!r} (set to {parser.config[key]!r}) is not in {files}"
+            + (f": did you mean {' or '.join(repr(m) for m in matches)}?" if matches else
+               ": the workflow would not read it")
+            for key, matches in unknown.items()))
     schema = SCHEMAS[config_names[0]]
     # the resolver already parsing this expression resolves the values (get_parsed_content could re-parse)
     values = {key: parser.ref_resolver.get_resolved_content(key) for key in schema if key in parser}

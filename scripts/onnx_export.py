@@ -17,8 +17,10 @@ Usage::
     python -m scripts.onnx_export --config_file configs/pretrain.json --net_id network_def#encoder \\
         --filepath models/encoder_r50.onnx --ckpt_file models/encoder_r50.pt
 
-``--net_id`` defaults to each config's trained network and ``--ckpt_file`` to the weights that config loads; any
-other ``--key value`` overrides the config as with ``python -m monai.bundle run``.
+``--net_id`` defaults to each config's trained network and ``--ckpt_file`` to the weights that config loads; the
+image size, channels and classes come from the settings stored beside those weights (``scripts.model_settings``),
+as in the inference configs. Any other ``--key value`` overrides the config as with ``python -m monai.bundle run``;
+one that contradicts the stored settings is warned about.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import torch
 from monai.bundle import ConfigParser
 from torch import nn
 
+from scripts.model_settings import read_settings, warn_contradictions
 from scripts.weights import WeightFileError, load_network_weights
 
 __all__ = ["ExportSpec", "OnnxCheck", "check_with_onnxruntime", "export_onnx", "export_spec", "main"]
@@ -176,14 +179,14 @@ def _resized_batch(tensor: torch.Tensor, batch_size: int) -> torch.Tensor:
     return low + (high - low) * torch.rand(batch_size, *tensor.shape[1:])
 
 
-# config file name -> (network id, config key of the weights its handlers load or None when the network id loads
-# them itself, whether the network takes boxes)
+# config file name -> (network id, config key of its weights file (whose stored settings the config reads), whether
+# the network id loads the weights itself (else they are loaded here), whether the network takes boxes)
 _CONFIG_NETWORKS = {
-    "inference.json": ("network_def", "checkpoint", False),
-    "evaluate.json": ("network_def", "checkpoint", False),
-    "inference_cls.json": ("trained_network", None, False),
-    "inference_det.json": ("trained_network", None, False),
-    "inference_prompt_seg.json": ("network_def", None, True),
+    "inference.json": ("network_def", "checkpoint", False, False),
+    "evaluate.json": ("network_def", "checkpoint", False, False),
+    "inference_cls.json": ("trained_network", "model_path", True, False),
+    "inference_det.json": ("trained_network", "model_path", True, False),
+    "inference_prompt_seg.json": ("trained_network", "model_path", True, True),
 }
 
 
@@ -221,11 +224,20 @@ def main(argv: list[str] | None = None) -> int:
     config.read_config(str(args.config_file))
     for key, value in zip(overrides[::2], overrides[1::2]):
         config[key.lstrip("-")] = _parse_value(value)
-    net_id, checkpoint_key, boxes = _CONFIG_NETWORKS.get(args.config_file.name, ("network_def", None, False))
-    net_id = args.net_id or net_id
+    net_id, weights_key, loaded_by_network, boxes = _CONFIG_NETWORKS.get(args.config_file.name,
+                                                                         ("network_def", None, False, False))
     ckpt_file = args.ckpt_file
-    if ckpt_file is None and checkpoint_key is not None and args.net_id is None:
-        ckpt_file = config.get_parsed_content(checkpoint_key)
+    if args.net_id is None and weights_key is not None:
+        if ckpt_file is not None:
+            # the config reads the settings stored beside its weights file: those of the exported weights
+            config[weights_key] = str(ckpt_file)
+            ckpt_file = None if loaded_by_network else ckpt_file
+        elif not loaded_by_network:
+            ckpt_file = config.get_parsed_content(weights_key)
+        weights = config.get_parsed_content(weights_key)
+        given = {key.lstrip("-"): _parse_value(value) for key, value in zip(overrides[::2], overrides[1::2])}
+        warn_contradictions(weights, read_settings(weights), **given)
+    net_id = args.net_id or net_id
     try:
         network = config.get_parsed_content(net_id)
         if ckpt_file is not None:

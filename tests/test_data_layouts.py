@@ -319,27 +319,29 @@ def test_draw_validation_keeps_order_holds_one_out_at_least_and_refuses_a_fracti
 
 # --- end to end: train -> evaluate -> inference per layout --------------------------------------------------------
 
-def _segment(tmp_path: Path, data: dict, evaluate_split: str, settings: dict) -> Path:
-    """Trains one epoch, evaluates ``evaluate_split``, segments the test split; returns the masks' folder."""
+def _segment(tmp_path: Path, data: dict, evaluate_split: str, settings: dict) -> dict[str, str]:
+    """Trains one epoch with ``settings``, then evaluates ``evaluate_split`` and segments the test split of the same
+    ``data`` with none of them repeated (they are stored beside the model); returns the evaluated metrics' row of
+    ``mean_dice`` (class name -> value)."""
     model = tmp_path / "model.pt"
     run(workflow("train.json", "train", **data, output_dir=str(tmp_path / "train"), best_model_path=str(model),
                  max_epochs=1, val_interval=1, **settings))
     run(workflow("evaluate.json", "eval", **data, checkpoint=str(model), output_dir=str(tmp_path / "evaluate"),
-                 evaluate_split=evaluate_split, **settings))
+                 evaluate_split=evaluate_split))
     with open(tmp_path / "evaluate" / "per_class_metrics.csv") as file:
         rows = {row["metric"]: row for row in csv.DictReader(file)}
     assert set(rows) == {"mean_dice", "mean_iou", "hd95"}
-    run(workflow("inference.json", "infer", **data, checkpoint=str(model), output_dir=str(tmp_path / "masks"),
-                 **settings))
-    return tmp_path / "masks"
+    run(workflow("inference.json", "infer", **data, checkpoint=str(model), output_dir=str(tmp_path / "masks")))
+    return rows["mean_dice"]
 
 
 def test_msd_multichannel_volumes_train_evaluate_and_segment_in_their_geometry(tmp_path: Path) -> None:
     root = msd_folder(tmp_path / "Task01_Tiny")
     before = snapshot(root)
-    settings = {**SEG, "in_channels": 2, "validation_fraction": 0.25, "label_names": {"0": "background", "1": "box"}}
-    masks = _segment(tmp_path, {"dataset_dir": str(root)}, "validation", settings)
-    mask = nib.load(masks / "case_t_seg.nii.gz")
+    dice = _segment(tmp_path, {"dataset_dir": str(root)}, "validation",
+                    {**SEG, "in_channels": 2, "validation_fraction": 0.25})
+    assert "box" in dice  # the class names of dataset.json's labels
+    mask = nib.load(tmp_path / "masks" / "case_t_seg.nii.gz")
     source = nib.load(root / "imagesTs" / "case_t.nii.gz")
     assert mask.shape == source.shape[:3] and np.allclose(mask.affine, source.affine)
     assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
@@ -349,9 +351,8 @@ def test_msd_multichannel_volumes_train_evaluate_and_segment_in_their_geometry(t
 def test_pair_folder_trains_evaluates_and_segments_pngs_at_their_size(tmp_path: Path) -> None:
     root = pairs_folder(tmp_path / "pairs")
     before = snapshot(root)
-    masks = _segment(tmp_path, {"dataset_dir": str(root)}, "validation",
-                     {**SEG, "validation_fraction": 0.25, "label_names": {"0": "background", "1": "square"}})
-    with Image.open(masks / "new_seg.png") as mask, Image.open(root / "imagesTs" / "new.png") as source:
+    _segment(tmp_path, {"dataset_dir": str(root)}, "validation", {**SEG, "validation_fraction": 0.25})
+    with Image.open(tmp_path / "masks" / "new_seg.png") as mask, Image.open(root / "imagesTs" / "new.png") as source:
         assert mask.size == source.size == (44, 30)
     assert snapshot(root) == before
 
@@ -366,24 +367,24 @@ def test_datalist_json_elsewhere_trains_evaluates_and_segments(tmp_path: Path) -
         "training": [{"image": f"../project/img/a{n}.png", "label": f"../project/seg/a{n}.png"} for n in range(2)],
         "validation": [{"image": "../project/img/a2.png", "label": "../project/seg/a2.png"}],
         "test": [{"image": "../project/img/a3.png", "label": "../project/seg/a3.png"}]}))
-    masks = _segment(tmp_path, {"datalist_file": str(datalist)}, "test",
-                     {**SEG, "label_names": {"0": "background", "1": "square"}})
-    with Image.open(masks / "a3_seg.png") as mask:
+    _segment(tmp_path, {"datalist_file": str(datalist)}, "test", SEG)
+    with Image.open(tmp_path / "masks" / "a3_seg.png") as mask:
         assert mask.size == (40, 24)
 
 
 def test_class_folders_train_and_infer_with_the_folder_names(tmp_path: Path) -> None:
     root = class_folder(tmp_path / "mine")
     before = snapshot(root)
-    settings = {"dataset_dir": str(root), "output_dir": str(tmp_path / "run"), "model_path": str(tmp_path / "c.pt"),
-                "image_size": 32, "batch_size": 4, "encoder": TINY_VIT, "validation_fraction": 0.25}
+    paths = {"output_dir": str(tmp_path / "run"), "model_path": str(tmp_path / "c.pt"), "encoder": TINY_VIT}
     train = ConfigWorkflow(config_file=str(REPO_ROOT / "configs" / "train_cls.json"), workflow_type="train",
-                           max_epochs=1, pretrained_encoder=None, **settings)
+                           dataset_dir=str(root), max_epochs=1, pretrained_encoder=None, image_size=32, batch_size=4,
+                           validation_fraction=0.34, **paths)
     run(train)
+    # image size, class names, validation fraction and seed come from the settings stored beside the model
     infer = ConfigWorkflow(config_file=str(REPO_ROOT / "configs" / "inference_cls.json"), workflow_type="infer",
-                           **settings)
+                           dataset_dir=str(root), **paths)
     run(infer)
     rows = list(csv.DictReader((tmp_path / "run" / "class_probabilities.csv").open()))
-    assert len(rows) == 4 and list(rows[0]) == ["image", "prediction", "p_squares", "p_stripes"]
+    assert len(rows) == 6 and list(rows[0]) == ["image", "prediction", "p_squares", "p_stripes"]  # 3 of 6 per class
     assert all(Path(row["image"]).is_relative_to(root) for row in rows)
     assert snapshot(root) == before

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -32,9 +33,9 @@ from monai.bundle import ConfigParser
 
 from PIL import Image
 
+from bundle.monailabel.app_folder import make_app_folder
 from bundle.monailabel.environment import ensure_monailabel_venv
 from bundle.package import build_package
-from conftest import REPO_ROOT
 from scripts.segmentation.embedded import prepare_segmentation_data
 from zoo_staging import staged_bundle
 
@@ -117,8 +118,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     python = ensure_monailabel_venv()
     root = tmp_path_factory.mktemp("monailabel")
     archive = build_package(staged_bundle(root / "source"), root / "dist").path
-    app = root / "app"
-    shutil.copytree(REPO_ROOT / "bundle" / "monailabel" / "app", app, ignore=shutil.ignore_patterns("model", "__pycache__"))
+    app = make_app_folder(root / "app")  # as bundle/README.md documents: outside the repository
     subprocess.run(
         [str(python), "-m", "monai.bundle", "download", "--name", MODEL, "--url", archive.as_uri(),
          "--bundle_dir", str(app / "model"), "--progress", "False"],
@@ -187,6 +187,16 @@ def test_server_lists_the_bundle_with_the_metadata_labels(installed, server):
     assert MODEL in server["info"]["trainers"]  # BundleTrainTask accepted configs/train.json
 
 
+def test_the_documented_curl_output_opens_with_nibabel(installed, server, tmp_path):
+    """bundle/README.md's ``curl ... -o NAME``: the server answers uncompressed NIfTI, so NAME must not end in .gz."""
+    readme = (Path(__file__).resolve().parents[1] / "bundle" / "README.md").read_text()
+    name = re.search(r'curl -X POST "[^"]*/infer/lvm_med[^"]*" -o (\S+)', readme).group(1)
+    status, payload = _post(server, f"/infer/{MODEL}?image=anatomical&output=image")
+    assert status == 200
+    (tmp_path / name).write_bytes(payload)
+    assert nib.load(tmp_path / name).shape == nib.load(installed["image"]).shape
+
+
 def test_served_mask_equals_the_bundle_inference_workflow(installed, server, tmp_path):
     status, payload = _post(server, f"/infer/{MODEL}?image=anatomical&output=image")
     assert status == 200
@@ -250,6 +260,11 @@ def test_training_twice_runs_its_epochs_from_the_served_weights_and_updates_them
 def test_serving_and_training_write_nothing_into_the_bundle_but_its_weights(installed, server):
     after = _files_under(installed["bundle"])
     before = installed["bundle_files"]
-    assert set(after) == set(before), sorted(set(after) ^ set(before))
-    changed = sorted(path for path in after if after[path] != before[path])
+    # training writes the weights and, beside them, the settings they were trained with (scripts/model_settings.py)
+    assert set(after) - set(before) <= {"models/model.settings.json"}, sorted(set(after) ^ set(before))
+    assert set(before) <= set(after), sorted(set(before) - set(after))
+    changed = sorted(path for path in before if after[path] != before[path])
     assert changed in ([], ["models/model.pt"]), changed
+    if "models/model.settings.json" in after:  # the served labels are stored as the model's class names
+        settings = json.loads((installed["bundle"] / "models" / "model.settings.json").read_text())
+        assert settings["class_names"] == ["background", "dim object", "bright object"]

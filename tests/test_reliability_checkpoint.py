@@ -63,6 +63,7 @@ def test_resume_fails_naming_every_file_when_no_checkpoint_loads(tmp_path: Path)
     with pytest.raises(RuntimeError, match="cannot read any checkpoint") as caught:
         trainer.run()
     assert "checkpoint_1.pt" in str(caught.value) and "checkpoint_2.pt" in str(caught.value)
+    assert "--resume False" in str(caught.value) and "--output_dir" in str(caught.value)
 
 
 @pytest.mark.parametrize("n_saved", [1, 2])

@@ -136,11 +136,13 @@ def test_stop_on_error_stops_at_the_first_unreadable_input(tmp_path: Path) -> No
     while not isinstance(error, InputFailureError) and error.__cause__ is not None:
         error = error.__cause__
     assert isinstance(error, InputFailureError), wrapped.value
-    assert "broken.nii: " in str(error) and "(stop_on_error=True)" in str(error)  # the first by name
-    assert not (tmp_path / "o").exists()
+    assert "broken.nii: " in str(error) and "(stop_on_error=True" in str(error)  # the first by name
+    rows = list(csv.DictReader((tmp_path / "o" / "failed_inputs.csv").open()))
+    assert [Path(row["input"]).name for row in rows] == ["broken.nii"]
+    assert not list((tmp_path / "o").glob("*.png"))
 
 
-def test_no_readable_input_fails_at_once_and_a_clean_run_removes_a_stale_summary(tmp_path: Path) -> None:
+def test_no_readable_input_fails_at_once_and_a_clean_run_empties_a_stale_summary(tmp_path: Path) -> None:
     def read(item: dict) -> dict:
         if item["image"].startswith("bad"):
             raise ValueError(f"{item['image']}: unreadable")
@@ -151,12 +153,26 @@ def test_no_readable_input_fails_at_once_and_a_clean_run_removes_a_stale_summary
                         collate_fn=SplitFailures())
     with pytest.raises(InputFailureError, match=r"none of the inputs could be read: bad_a \(ValueError: bad_a: "):
         list(failures.readable(loader))
+    assert len(list(csv.DictReader((tmp_path / "failed_inputs.csv").open()))) == 2  # written before it raised
     with pytest.raises(InputFailureError, match=r"2 input\(s\) could not be read"):
         failures.finish()
-    assert (tmp_path / "failed_inputs.csv").is_file()
 
-    clean = InputFailures(tmp_path / "failed_inputs.csv")
-    batches = list(clean.readable(DataLoader(TolerantDataset([{"image": "good"}], read), collate_fn=SplitFailures())))
-    assert len(batches) == 1
+    clean = InputFailures(tmp_path / "failed_inputs.csv", outputs="masks")
+    batches = list(clean.readable(DataLoader(TolerantDataset([{"image": "good"}] * 3, read), batch_size=2,
+                                             collate_fn=SplitFailures())))
+    assert len(batches) == 2
     clean.finish()
-    assert not (tmp_path / "failed_inputs.csv").exists()
+    assert (tmp_path / "failed_inputs.csv").read_text().splitlines() == ["input,reason"]
+    assert clean.summary() == f"3 masks written to {tmp_path}, 0 failed ({tmp_path / 'failed_inputs.csv'})"
+
+
+def test_a_single_unreadable_input_is_listed_and_named_first(tmp_path: Path) -> None:
+    """One input that fails the workflow's header check: failed_inputs.csv lists it, and the error names it."""
+    def check(items: list, **options) -> list:
+        raise ValueError(f"{items[0]['image']}: image has 4 channels")
+
+    failures = InputFailures(tmp_path / "out" / "failed_inputs.csv")
+    with pytest.raises(InputFailureError, match=r"^ValueError: only.png: image has 4 channels \(listed in "):
+        failures.screen([{"image": "only.png"}], check)
+    rows = list(csv.DictReader((tmp_path / "out" / "failed_inputs.csv").open()))
+    assert rows == [{"input": "only.png", "reason": "ValueError: only.png: image has 4 channels"}]

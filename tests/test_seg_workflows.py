@@ -37,11 +37,12 @@ TINY = {"image_size": 32, "batch_size": 4, "num_workers": 0}
 
 
 def small_datalist(source: Path, destination: Path, counts: dict[str, int]) -> Path:
-    """A datalist with the first ``counts[split]`` items of each split of an embedded datalist, with absolute paths
-    (a datalist's relative paths are relative to its own folder)."""
+    """A datalist with the first ``counts[split]`` items of each split of an embedded datalist, and its labels, with
+    absolute paths (a datalist's relative paths are relative to its own folder)."""
     full = json.loads((source / "datalist.json").read_text())
-    small = {split: [{key: str(source / path) for key, path in item.items()} for item in full[split][:count]]
-             for split, count in counts.items()}
+    small = {"labels": full["labels"],
+             **{split: [{key: str(source / path) for key, path in item.items()} for item in full[split][:count]]
+                for split, count in counts.items()}}
     path = destination / "datalist.json"
     path.write_text(json.dumps(small))
     return path
@@ -196,7 +197,10 @@ def test_inference_of_one_image_given_as_datalist(trained: dict[str, Path], data
     image = next((data_2d / "imagesTs").iterdir())
     run(workflow("inference.json", "infer", datalist=[{"image": str(image)}],
                  checkpoint=str(trained["best_model_path"]), output_dir=str(tmp_path), **TINY))
-    assert [p.name for p in tmp_path.iterdir()] == [image.name.replace(".png", "_seg.png")]
+    # the mask, and the failure summary every inference run writes (its header only here)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([image.name.replace(".png", "_seg.png"),
+                                                                 "failed_inputs.csv"])
+    assert (tmp_path / "failed_inputs.csv").read_text().splitlines() == ["input,reason"]
 
 
 def parse_error(flow: ConfigWorkflow, id: str) -> BaseException:

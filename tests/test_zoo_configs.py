@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,14 +16,6 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 from conftest import REPO_ROOT
 
 CONFIGS = REPO_ROOT / "configs"
-# configs whose network definition reads a weights file when it is built (the others load theirs in a handler at
-# run time): for check_properties, which builds the evaluator, they get the initialised network's weights, as the
-# model zoo's CI does (``_produce_fake_weights``). id of the path, id of the network whose state dict fits it.
-WEIGHTS_READ_WHEN_BUILT = {
-    "inference_cls.json": ("model_path", "network_def"),
-    "inference_det.json": ("model_path", "network_def"),
-    "inference_prompt_seg.json": ("model_path", "medsam"),
-}
 # the weights each inference config reads, by config id
 WEIGHTS_ID = {"inference.json": "checkpoint", "inference_trt.json": "checkpoint", "evaluate.json": "checkpoint"}
 # overlays other than multi_gpu_<base>.json, with the config they extend
@@ -73,26 +64,12 @@ def single_process_group(monkeypatch):
         dist.destroy_process_group()
 
 
-def _initialise_weights(name: str, folder: Path) -> dict[str, str]:
-    """Overrides pointing the config's weights at the initialised network's state dict, for configs that read
-    them when the network is built; none for the others."""
-    if name not in WEIGHTS_READ_WHEN_BUILT:
-        return {}
-    path_id, network_id = WEIGHTS_READ_WHEN_BUILT[name]
-    parser = ConfigParser()
-    parser.read_config(_config_files(name))
-    parser["bundle_root"] = str(REPO_ROOT)
-    weights = folder / "initialised.pt"
-    torch.save(parser.get_parsed_content(network_id).state_dict(), weights)
-    return {path_id: str(weights)}
-
-
 @pytest.mark.parametrize("name", _all_configs())
-def test_every_config_has_the_properties_of_its_workflow_type(name, single_process_group, tmp_path):
+def test_every_config_has_the_properties_of_its_workflow_type(name, single_process_group):
     workflow = ConfigWorkflow(
         config_file=_config_files(name), meta_file=str(CONFIGS / "metadata.json"), workflow_type=_workflow_type(name),
-        bundle_root=str(REPO_ROOT), **_initialise_weights(name, tmp_path),
-    )
+        bundle_root=str(REPO_ROOT),
+    )  # no weights file is read until the run (tests/test_properties_without_weights.py)
     workflow.initialize()
     assert workflow.check_properties() == []
 

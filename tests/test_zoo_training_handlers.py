@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from ignite.engine import Engine
 from monai.handlers import CheckpointLoader
@@ -36,10 +37,10 @@ def test_checkpoint_loader_weights_win_over_resume_and_the_epochs_run_again(tmp_
     assert again.state.epoch == 2 and again.state.iteration == 6  # all epochs ran, not 0
     torch.testing.assert_close(network.weight, torch.full((1, 2), 106.0))  # from the served weights
 
-    resumed = _engine(network)  # without a CheckpointLoader, the finished run resumes as before: nothing to do
+    resumed = _engine(network)  # without a CheckpointLoader, the finished run would train nothing: it says so
     ResumeFromLatest(tmp_path / "checkpoints", {"model": network}).attach(resumed)
-    resumed.run([torch.zeros(1)] * 3, max_epochs=2)
-    assert resumed.state.iteration == 6 and resumed.state.epoch == 2
+    with pytest.raises(SystemExit, match="nothing to train: .* already reached epoch 2 .* of max_epochs 2"):
+        resumed.run([torch.zeros(1)] * 3, max_epochs=2)
 
 
 def test_final_model_saver_writes_the_last_network_only_when_nothing_was_validated(tmp_path):

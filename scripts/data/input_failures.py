@@ -9,11 +9,13 @@ all the others. The pieces, each used by every ``inference*.json``:
   preprocessing fails, :class:`SplitFailures` (the loader's ``collate_fn``) takes those out of the batch,
   and :meth:`InputFailures.readable` (the evaluator's data) logs and records them in the main process,
   DataLoader workers included, and hands only readable batches to the engine;
-- :meth:`InputFailures.finish` (the config's ``finalize``) writes ``failed_inputs.csv`` beside the outputs
-  and raises :class:`InputFailureError`, so that the process exits non-zero, when any input failed. When no
-  input at all is readable the run fails at once, with the reasons.
+- :meth:`InputFailures.finish` (the config's ``finalize``) writes ``failed_inputs.csv`` beside the outputs,
+  logs one summary line ("N masks written to DIR, M failed (DIR/failed_inputs.csv)") and raises
+  :class:`InputFailureError`, so that the process exits non-zero, when any input failed. When no input at all
+  is readable (a single unreadable input included) the run fails at once, with the reasons.
 
-With ``stop_on_error=True`` the first failure raises at once, naming the input.
+Every run writes ``failed_inputs.csv`` (only its header when every input was read), also when it stops at once:
+with no readable input, or at the first failure with ``stop_on_error=True``.
 """
 
 from __future__ import annotations
@@ -24,13 +26,13 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from monai.data import Dataset, list_data_collate
 
 from scripts.atomic_save import write_atomically
 
-__all__ = ["FailedInput", "InputFailureError", "InputFailures", "SplitFailures", "TolerantDataset", "describe"]
+__all__ = ["FailedInput", "InputFailureError", "InputFailures", "Split", "SplitFailures", "TolerantDataset", "describe"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +78,16 @@ class TolerantDataset(Dataset):
             return FailedInput(str(name), describe(error))
 
 
+class Split(NamedTuple):
+    """A loader's batch split by :class:`SplitFailures`."""
+
+    batch: Any  # the collated readable items, or None when none is readable
+    failed: list[FailedInput]
+    readable: int  # how many items the batch holds
+
+
 class SplitFailures:
-    """``collate_fn`` for a :class:`TolerantDataset`: ``(collated readable items or None, [FailedInput, ...])``.
+    """``collate_fn`` for a :class:`TolerantDataset`: a :class:`Split` of the items into readable and failed ones.
 
     Args:
         collate: the loader's collate function for the readable items (MONAI's ``list_data_collate`` by default;
@@ -87,10 +97,10 @@ class SplitFailures:
     def __init__(self, collate: Callable[[list], Any] = list_data_collate) -> None:
         self.collate = collate
 
-    def __call__(self, items: list) -> tuple[Any, list[FailedInput]]:
+    def __call__(self, items: list) -> Split:
         failed = [item for item in items if isinstance(item, FailedInput)]
         readable = [item for item in items if not isinstance(item, FailedInput)]
-        return (self.collate(readable) if readable else None), failed
+        return Split(self.collate(readable) if readable else None, failed, len(readable))
 
 
 def _listing(failed: Sequence[FailedInput]) -> str:
@@ -107,37 +117,49 @@ class _ReadableBatches:
 
     def __iter__(self) -> Iterator[Any]:
         readable, failed_here = 0, []
-        for batch, failed in self.loader:
-            for item in failed:
+        for split in self.loader:
+            for item in split.failed:
                 self.failures.record(item.name, item.reason)
-            failed_here += failed
-            if batch is not None:
-                readable += 1
-                yield batch
+            failed_here += split.failed
+            if split.batch is not None:
+                readable += split.readable
+                self.failures.processed += split.readable
+                yield split.batch
         if failed_here and not readable:  # nothing to run on: the run fails now, with the reasons
-            raise InputFailureError(f"none of the inputs could be read: {_listing(failed_here)}")
+            self.failures.write_summary()
+            raise InputFailureError(f"none of the inputs could be read: {_listing(failed_here)} (listed in "
+                                    f"{self.failures.summary_path})")
 
 
 class InputFailures:
     """The inputs of an inference run that could not be read, logged as they happen and summarised at the end.
 
     Args:
-        summary_path: CSV written by :meth:`finish` when an input failed (columns ``input``, ``reason``).
+        summary_path: the CSV of the failed inputs (columns ``input``, ``reason``), written by every run.
         stop_on_error: raise at the first failure instead of going on.
+        outputs: what the run writes per input, for the summary line (e.g. ``"masks"``).
+        written_to: where it writes them (a folder or a file), for the summary line; by default the folder of
+            ``summary_path``.
     """
 
-    def __init__(self, summary_path: str | Path, stop_on_error: bool = False) -> None:
+    def __init__(self, summary_path: str | Path, stop_on_error: bool = False, outputs: str = "results",
+                 written_to: str | Path | None = None) -> None:
         if not isinstance(stop_on_error, bool):
             raise TypeError(f"stop_on_error must be a bool, got {stop_on_error!r}.")
         self.summary_path = Path(summary_path)
         self.stop_on_error = stop_on_error
+        self.outputs = outputs
+        self.written_to = Path(written_to) if written_to is not None else self.summary_path.parent
         self.failed: list[FailedInput] = []
+        self.processed = 0  # inputs read and handed to the engine
 
     def record(self, name: str, reason: str) -> None:
         """Logs the failure of input ``name`` and keeps it for the summary; raises when ``stop_on_error``."""
         self.failed.append(FailedInput(name, reason))
         if self.stop_on_error:
-            raise InputFailureError(f"cannot read input {name}: {reason} (stop_on_error=True)")
+            self.write_summary()
+            raise InputFailureError(f"cannot read input {name}: {reason} (stop_on_error=True; listed in "
+                                    f"{self.summary_path})")
         logger.error("cannot read input %s: %s; going on with the other inputs", name, reason)
 
     def screen(self, items: Sequence[Mapping], check: Callable[..., list], name_key: str = "image",
@@ -145,7 +167,8 @@ class InputFailures:
         """The items that pass ``check([item], **check_options)``, one at a time; each failing one is recorded.
 
         Raises:
-            the first item's error, unchanged, when no item passes (there is nothing to run on).
+            InputFailureError: no item passes (there is nothing to run on), after writing the summary CSV; its
+                message names each item and reason (a single input's is its check's message).
         """
         passed, failures = [], []
         for item in items:
@@ -153,10 +176,14 @@ class InputFailures:
                 passed.extend(check([item], **check_options))
             except Exception as error:  # the workflow's own check decides what is unreadable; each is reported
                 failures.append((item, error))
-        if failures and not passed:
-            raise failures[0][1]
         for item, error in failures:
             self.record(str(item.get(name_key, item)), describe(error))
+        if failures and not passed:
+            self.write_summary()
+            if len(failures) == 1:
+                raise InputFailureError(f"{describe(failures[0][1])} (listed in {self.summary_path})") from failures[0][1]
+            raise InputFailureError(f"none of the inputs could be read: {_listing(self.failed)} (listed in "
+                                    f"{self.summary_path})")
         return passed
 
     def readable(self, loader: Iterable) -> _ReadableBatches:
@@ -164,16 +191,26 @@ class InputFailures:
         failed inputs recorded and taken out."""
         return _ReadableBatches(loader, self)
 
-    def finish(self) -> None:
-        """Writes the summary CSV and raises :class:`InputFailureError` naming the failed inputs, if any failed;
-        otherwise removes a summary left by an earlier run."""
-        if not self.failed:
-            self.summary_path.unlink(missing_ok=True)
-            return
+    def write_summary(self) -> None:
+        """Writes the CSV of the failed inputs so far (its header only when none failed), replacing an earlier run's."""
         text = io.StringIO()
         writer = csv.writer(text)
         writer.writerow(["input", "reason"])
         writer.writerows([item.name, item.reason] for item in self.failed)
+        self.summary_path.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(self.summary_path, lambda temporary: temporary.write_text(text.getvalue()))
+
+    def summary(self) -> str:
+        """The run's one-line summary, e.g. ``"12 masks written to runs/inference, 1 failed (runs/inference/failed_inputs.csv)"``."""
+        return (f"{self.processed} {self.outputs} written to {self.written_to}, {len(self.failed)} failed "
+                f"({self.summary_path})")
+
+    def finish(self) -> None:
+        """Writes the summary CSV, logs :meth:`summary`, and raises :class:`InputFailureError` naming the failed
+        inputs, if any failed."""
+        self.write_summary()
+        logger.info("%s", self.summary())
+        if not self.failed:
+            return
         raise InputFailureError(f"{len(self.failed)} input(s) could not be read and have no output (listed in "
                                 f"{self.summary_path}; the other inputs were processed): {_listing(self.failed)}")

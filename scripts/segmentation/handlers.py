@@ -1,5 +1,5 @@
 """Segmentation handlers: the best (or, without validation data, the last) network as a plain state dict
-(``models/model.pt``), per-class metric tables."""
+(``models/model.pt``) with its settings beside it (``models/model.settings.json``), per-class metric tables."""
 
 from __future__ import annotations
 
@@ -7,26 +7,30 @@ import csv
 import io
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
 from scripts.atomic_save import save_atomically, write_atomically
+from scripts.model_settings import write_settings
 
 __all__ = ["BestModelSaver", "ClassMetricsWriter", "FinalModelSaver", "save_network"]
 
 logger = logging.getLogger(__name__)
 
 
-def save_network(network: nn.Module, path: Path) -> None:
+def save_network(network: nn.Module, path: Path, settings: Mapping[str, Any] | None = None) -> None:
     """Writes ``network.state_dict()`` (on CPU) to ``path`` atomically, on rank 0 only (every rank holds the same
-    weights under DDP)."""
+    weights under DDP), then its ``settings`` beside it (``scripts.model_settings.write_settings``) when given."""
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
         return
     save_atomically({key: tensor.detach().cpu() for key, tensor in network.state_dict().items()}, path)
+    if settings is not None:
+        write_settings(path, settings)
 
 
 class BestModelSaver:
@@ -40,17 +44,21 @@ class BestModelSaver:
         network: the network (not its DistributedDataParallel wrapper), e.g. ``@network_def``.
         path: destination, e.g. ``models/model.pt``.
         metric_name: metric to maximise; default: the evaluator's key metric.
+        settings: the settings the network is trained with, written beside it (``models/model.settings.json``)
+            for the workflows that use it; None writes none.
 
     Example (bundle config, in the evaluator's handlers)::
 
         {"_target_": "scripts.segmentation.handlers.BestModelSaver", "network": "@network_def",
-         "path": "$os.path.join(@bundle_root, 'models', 'model.pt')"}
+         "path": "$os.path.join(@bundle_root, 'models', 'model.pt')", "settings": "@run_settings"}
     """
 
-    def __init__(self, network: nn.Module, path: str | Path, metric_name: str | None = None) -> None:
+    def __init__(self, network: nn.Module, path: str | Path, metric_name: str | None = None,
+                 settings: Mapping[str, Any] | None = None) -> None:
         self.network = network
         self.path = Path(path)
         self.metric_name = metric_name
+        self.settings = settings
         self.best = -math.inf
 
     def attach(self, engine: Engine) -> None:
@@ -71,7 +79,7 @@ class BestModelSaver:
         if not value > self.best:  # NaN never counts as an improvement
             return
         self.best = value
-        save_network(self.network, self.path)
+        save_network(self.network, self.path, self.settings)
         logger.info("best %s %.4f: network saved to %s", name, value, self.path)
 
 
@@ -87,7 +95,7 @@ class FinalModelSaver:
     Args:
         network: the network (not its DistributedDataParallel wrapper), e.g. ``@network_def``.
         path: destination, e.g. ``models/model.pt`` (the same as ``best_model_saver``'s).
-        best_model_saver: the validation's :class:`BestModelSaver`.
+        best_model_saver: the validation's :class:`BestModelSaver` (whose ``settings`` are written beside it).
     """
 
     def __init__(self, network: nn.Module, path: str | Path, best_model_saver: BestModelSaver) -> None:
@@ -101,7 +109,7 @@ class FinalModelSaver:
     def __call__(self, engine: Engine) -> None:
         if self.best_model_saver.best > -math.inf:
             return
-        save_network(self.network, self.path)
+        save_network(self.network, self.path, self.best_model_saver.settings)
         logger.info("training finished at epoch %d: last network saved to %s", engine.state.epoch, self.path)
 
 

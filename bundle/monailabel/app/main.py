@@ -17,7 +17,10 @@ Label 0.8.5's bundle tasks:
 * training writes its logs and checkpoints to ``<app>/train_runs/<name>``, outside the served bundle folder
   (the bundle's own ``runs/`` would grow inside it). Each request starts from ``models/model.pt`` (MONAI Label's
   ``CheckpointLoader``; the bundle's ``ResumeFromLatest`` stands aside) and writes ``models/model.pt`` back: the
-  best on validation, or the last network when the request has no validation images.
+  best on validation, or the last network when the request has no validation images;
+* the label names served are the model's own, stored beside its weights (``models/model.settings.json``, see
+  ``scripts/model_settings.py``) when they are there, with a warning when they contradict ``channel_def``; training
+  stores ``channel_def``'s names as the model's ``class_names``.
 
 Usage (in the MONAI Label environment, see ``bundle/monailabel/environment.py``)::
 
@@ -27,9 +30,11 @@ Usage (in the MONAI Label environment, see ``bundle/monailabel/environment.py``)
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import sys
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
@@ -89,12 +94,40 @@ class VolumeSliceInferTask(BundleInferTask):
     def __init__(self, path: str, conf: dict[str, str], **kwargs: Any) -> None:
         super().__init__(path, conf, **kwargs)
         self.dimension = 3
+        if self.is_valid():
+            self.labels = self._stored_labels(path)
+
+    def _stored_labels(self, path: str) -> dict[str, int]:
+        """The served ``{name: index}`` labels: the class names stored with the model when it has them, else
+        ``metadata.json``'s ``channel_def`` (what ``BundleInferTask`` read); a contradiction is warned about."""
+        sys.path.insert(0, path)  # the config's expressions import the bundle's scripts, as in BundleInferTask
+        try:
+            names = self.bundle_config.get_parsed_content("model_settings").get("class_names")
+        finally:
+            sys.path.remove(path)
+        if not names:
+            return self.labels
+        stored = {str(name).lower(): index for index, name in enumerate(names) if index}
+        if stored != self.labels:
+            logger.warning("%s: serving the class names stored with models/model.pt %s, not metadata.json's "
+                           "channel_def %s", path, stored, self.labels)
+        return stored
 
     def post_transforms(self, data: Any = None) -> Sequence[Callable]:
         post = list(super().post_transforms(data))
         restore = next((index for index, t in enumerate(post) if isinstance(t, Restored)), len(post))
         post.insert(restore, PlanarMaskd(keys=self.key_pred, ref_image=self.key_image))
         return post
+
+
+def channel_names(bundle: str) -> list[str]:
+    """The class names of ``channel_def`` (first output of ``configs/metadata.json``) by index: what the served
+    labels are, stored as the trained model's ``class_names`` (without it, ``configs/train.json`` would read them
+    from its built-in datalist, preparing that data inside the served bundle)."""
+    with open(os.path.join(bundle, "configs", "metadata.json"), encoding="utf-8") as file:
+        outputs = json.load(file)["network_data_format"]["outputs"]
+    channels = next(iter(outputs.values())).get("channel_def", {})
+    return [str(channels[key]) for key in sorted(channels, key=int)]
 
 
 class OutsideBundleTrainTask(BundleTrainTask):
@@ -106,6 +139,7 @@ class OutsideBundleTrainTask(BundleTrainTask):
 
     def _update_overrides(self, overrides: dict[str, Any]) -> dict[str, Any]:
         overrides["output_dir"] = self.runs_dir
+        overrides["class_names"] = channel_names(self.bundle_path)
         return overrides
 
 
