@@ -330,8 +330,7 @@ def segment(encoder_file: Path | None, seed: int, settings: StudySettings, paths
         "max_epochs": settings.segmentation_epochs, "val_interval": settings.segmentation_epochs,
         "batch_size": 16, "seed": seed, "log_interval": 10**9, "cache_rate": 1.0,
         "validate#dataloader#batch_size": 20,  # equal-sized 2D cases: batched inference, same Dice
-        "validate#dataset#data": "$scripts.segmentation.datalist.check_items(scripts.segmentation.datalist.read_split("
-                                 f"@datalist_file, '{split}', @dataset_dir), @in_channels)",
+        "validate#dataset#data": f"$scripts.segmentation.datalist.check_items(@data_splits['{split}'], @in_channels)",
     }
     if settings.encoder != "resnet50":
         overrides["network_def"] = {

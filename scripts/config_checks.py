@@ -141,6 +141,9 @@ _SEGMENTATION = {
     "in_channels": Integer(1),
     "num_classes": Integer(2),
     "slice_axis": Integer(0, 2),
+    "dataset_dir": ExistingPath(folder=True),
+    "datalist_file": ExistingPath(),
+    "validation_fraction": Number(0, 1),
 }
 _INFERENCE = {"stop_on_error": Switch(), "progress_bar": Switch()}
 _PROMPT = {
@@ -173,10 +176,12 @@ SCHEMAS: dict[str, dict[str, Spec]] = {
     },
     # the weights file is required when the run starts (scripts.required_weights names the command that makes it),
     # not at initialize, so that MONAI's checks and MONAI Label can read a bundle without its weights
-    "evaluate": {**_RUN, **_SEGMENTATION, "progress_bar": Switch()},
-    "inference": {**_RUN, **_SEGMENTATION, **_INFERENCE, "separate_folder": Switch(), "dicom_seg": Switch()},
+    "evaluate": {**_RUN, **_SEGMENTATION, "seed": Integer(0), "progress_bar": Switch()},
+    "inference": {**_RUN, **_SEGMENTATION, **_INFERENCE, "seed": Integer(0), "separate_folder": Switch(),
+                  "dicom_seg": Switch()},
     "train_cls": {
         **_TRAIN,
+        "dataset_dir": ExistingPath(folder=True),
         "validation_fraction": Number(0, 1, exclusive_minimum=True),
         "val_interval": Integer(1),
         "linear_probe": Switch(),
@@ -186,6 +191,7 @@ SCHEMAS: dict[str, dict[str, Spec]] = {
         **_RUN, **_INFERENCE,
         "seed": Integer(0),
         "validation_fraction": Number(0, 1, exclusive_minimum=True),
+        "dataset_dir": ExistingPath(folder=True),
         "input_dir": ExistingPath(folder=True),
     },
     "train_det": {

@@ -37,9 +37,12 @@ TINY = {"image_size": 32, "batch_size": 4, "num_workers": 0}
 
 
 def small_datalist(source: Path, destination: Path, counts: dict[str, int]) -> Path:
-    """A datalist with the first ``counts[split]`` items of each split of an embedded datalist, and its labels."""
+    """A datalist with the first ``counts[split]`` items of each split of an embedded datalist, and its labels, with
+    absolute paths (a datalist's relative paths are relative to its own folder)."""
     full = json.loads((source / "datalist.json").read_text())
-    small = {"labels": full["labels"], **{split: full[split][:count] for split, count in counts.items()}}
+    small = {"labels": full["labels"],
+             **{split: [{key: str(source / path) for key, path in item.items()} for item in full[split][:count]]
+                for split, count in counts.items()}}
     path = destination / "datalist.json"
     path.write_text(json.dumps(small))
     return path

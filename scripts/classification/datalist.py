@@ -1,4 +1,5 @@
-"""Classification datalists: labelled images in MONAI's datalist JSON layout, and one built from the embedded data.
+"""Classification datalists: labelled images in MONAI's datalist JSON layout, one built from a folder per class, and
+one built from the embedded data.
 
 A datalist is a JSON object::
 
@@ -15,6 +16,10 @@ split name may be used; items of a split used for training or validation must ha
 :func:`load_split` returns ``[{"image": absolute path, "label": class index, "class": class name}, ...]``,
 checking that every file exists and every label is a known class, with errors naming the datalist, the item and
 the bad value.
+
+A folder per class (``DIR/<class>/*.png``, or ``DIR/train/<class>/...`` with ``val/`` and ``test/``; the rule is in
+:mod:`scripts.data.layouts`) becomes such a datalist with :func:`class_folder_datalist`, written into the run's
+output folder, never into ``DIR``.
 """
 
 from __future__ import annotations
@@ -29,11 +34,12 @@ import numpy as np
 
 from scripts.atomic_save import write_atomically
 from scripts.data.embedded import prepare_embedded_data
+from scripts.data.layouts import LayoutError, class_folder_splits, list_images
 from scripts.data.manifest import load_manifest
-from scripts.data.readers import detect_format
 from scripts.data.sources import expand_entry
 
 __all__ = [
+    "class_folder_datalist",
     "class_names",
     "image_files",
     "label_index",
@@ -135,8 +141,7 @@ def image_files(folder: str | Path) -> list[dict[str, str]]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"input folder {folder} does not exist")
-    files = sorted(path for path in folder.rglob("*") if path.is_file() and not path.name.startswith(".")
-                   and detect_format(path) is not None)
+    files = list_images(folder, recursive=True)
     if not files:
         raise ValueError(f"input folder {folder} holds no image files (.png, .jpg, .nii, .nii.gz, .dcm)")
     return [{"image": str(path)} for path in files]
@@ -182,6 +187,39 @@ def prepare_embedded_classification(root: str | Path, *, validation_fraction: fl
     training, validation = split_stratified(items_by_class, validation_fraction, seed)
     text = json.dumps({"classes": sorted(items_by_class), "training": training, "validation": validation}, indent=1)
     path = root / DATALIST_NAME
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+    return path
+
+
+def class_folder_datalist(folder: str | Path, output_dir: str | Path, *, validation_fraction: float = 0.25,
+                          seed: int = 0) -> Path:
+    """Writes ``output_dir/datalist.json`` for a folder-per-class dataset and returns its path.
+
+    Classes are the class folders' names, sorted; images keep their absolute paths, so nothing is written into
+    ``folder``. Without a validation split folder, ``validation`` is a stratified ``validation_fraction`` of
+    training drawn by ``seed`` (:func:`split_stratified`). The file is rewritten only when its content changes.
+
+    Raises:
+        LayoutError: the folder's layout is not a folder per class (the message names the folder or file), or a
+            class has too few images to split.
+    """
+    folder = Path(folder).resolve()
+    splits = class_folder_splits(folder)
+    if "validation" in splits:
+        training, validation = ([{"image": image, "label": name} for name, images in splits[split].items()
+                                 for image in images] for split in ("training", "validation"))
+    else:
+        try:
+            training, validation = split_stratified(splits["training"], validation_fraction, seed)
+        except ValueError as error:
+            raise LayoutError(f"{folder}: {error}") from None
+    document = {"classes": sorted(splits["training"]), "training": training, "validation": validation}
+    if "test" in splits:
+        document["test"] = [{"image": image, "label": name} for name, images in splits["test"].items()
+                            for image in images]
+    text = json.dumps(document, indent=1)
+    path = Path(output_dir) / "datalist.json"
     if not path.is_file() or path.read_text(encoding="utf-8") != text:
         write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
     return path

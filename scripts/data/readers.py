@@ -234,11 +234,14 @@ def _check_nifti_size(path: Path, image: nib.Nifti1Image) -> None:
                                    f"voxels but the file holds {held}")
 
 
-def _nifti_header(path: Path) -> ImageHeader:
+def _nifti_header(path: Path, channels_last: bool = False) -> ImageHeader:
     image = _nifti_image(path)
-    shape = _check_shape(path, image.shape, 1)
+    if channels_last and len(image.shape) == 4 and image.shape[3] > 1:  # e.g. the MSD's BraTS volumes, (x, y, z, 4)
+        shape, channels = _check_shape(path, image.shape[:3], 1), int(image.shape[3])
+    else:
+        shape, channels = _check_shape(path, image.shape, 1), 1
     _check_nifti_size(path, image)
-    return ImageHeader(path, "nifti", shape, 1)
+    return ImageHeader(path, "nifti", shape, channels)
 
 
 def _nifti_data(path: Path) -> np.ndarray:
@@ -427,12 +430,15 @@ def _series_data(files: Sequence[Path]) -> np.ndarray:
 
 # --- public API -------------------------------------------------------------------------------------------
 
-def read_header(source: ImageSource | Path | str, format: str | None = None) -> ImageHeader:
+def read_header(source: ImageSource | Path | str, format: str | None = None, *,
+                channels_last: bool = False) -> ImageHeader:
     """Header of an image without decoding its pixels (``dtype`` is left None).
 
     Args:
         source: an :class:`ImageSource`, a file, or a folder holding one DICOM series.
         format: format of a file, by default detected from its name or DICOM preamble.
+        channels_last: read a 4D NIfTI (x, y, z, c) as a volume of c channels, as MONAI's ``LoadImage`` does (the
+            segmentation workflows, whose transforms keep channels); otherwise it is refused as 4D.
 
     Raises:
         ImageReadError: missing, unrecognised, unreadable, truncated, empty or 4D image; DICOM without pixel
@@ -444,7 +450,7 @@ def read_header(source: ImageSource | Path | str, format: str | None = None) -> 
     if not source.path.is_file():
         raise ImageReadError(source.path, "no such file")
     if source.format == "nifti":
-        return _nifti_header(source.path)
+        return _nifti_header(source.path, channels_last)
     if source.format == "dicom":
         return _dicom_header(source.path)
     return _pil_header(source.path, source.format)
