@@ -18,6 +18,7 @@ from PIL import Image
 from conftest import REPO_ROOT
 from scripts.networks.classifier import EncoderClassifier
 from scripts.networks.resnet_encoder import ResNet50Encoder
+from class_images import class_pixels
 
 TRAIN, INFER = REPO_ROOT / "configs" / "train_cls.json", REPO_ROOT / "configs" / "inference_cls.json"
 TINY_VIT = {"_target_": "scripts.networks.sam_vit.SamViTEncoder", "img_size": 32, "patch_size": 8, "embed_dim": 16,
@@ -30,11 +31,7 @@ def tiny_datalist(folder: Path, per_class: int = 6) -> Path:
     splits: dict[str, list] = {"training": [], "validation": []}
     for name in ("squares", "stripes"):
         for number in range(per_class):
-            pixels = rng.integers(0, 40, (32, 32)).astype(np.uint8)
-            if name == "squares":
-                pixels[8:24, 8:24] = 220
-            else:
-                pixels[::4] = 120
+            pixels = class_pixels(name, rng)
             path = folder / f"{name}_{number}.png"
             Image.fromarray(pixels).save(path)
             splits["validation" if number < 2 else "training"].append({"image": path.name, "label": name})

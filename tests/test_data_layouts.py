@@ -25,6 +25,7 @@ from scripts.make_datalist import main as make_datalist_main
 from scripts.make_datalist import make_datalist
 from scripts.segmentation.datalist import SegmentationDataError, check_items, dataset_splits, inference_items
 from test_seg_workflows import run, workflow
+from class_images import class_pixels
 
 pytestmark = pytest.mark.filterwarnings("ignore:builtin type .* has no __module__ attribute:DeprecationWarning")
 
@@ -98,11 +99,7 @@ def class_folder(root: Path, per_class: int = 6) -> Path:
     rng = np.random.default_rng(0)
     for name in ("squares", "stripes"):
         for number in range(per_class):
-            pixels = rng.integers(0, 40, (32, 32)).astype(np.uint8)
-            if name == "squares":
-                pixels[8:24, 8:24] = 220
-            else:
-                pixels[::4] = 120
+            pixels = class_pixels(name, rng)
             path = root / name / ("patient_a" if number % 2 else "") / f"{name}_{number}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(pixels).save(path)
