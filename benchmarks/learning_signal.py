@@ -3,8 +3,9 @@
 ``python -m benchmarks.learning_signal [--quick] [--compare KEY=VALUE[,KEY=VALUE...]] ... [--output FILE.json]``
 
 Each setting is ``LVMMedLoss``'s keyword arguments over ``configs/pretrain.json``'s ``loss`` section: the shipped
-defaults, the defaults before issue 21 (``BEFORE_ISSUE_21``: absolute Gumbel scale 0.1, plain edge cosines, every
-directed edge pair summed) and each ``--compare`` given. For each, side by side, with NT-Xent on the same probes:
+defaults, the defaults before issue 21 (``BEFORE_ISSUE_21``: plain edge cosines), every switch of issue 21 on
+(``ALL_FIXES``: also the degree-normalised edge term and the Gumbel scale relative to the spread) and each
+``--compare`` given. For each, side by side, with NT-Xent on the same probes:
 
 1. **Paths at init on the real pipeline**: ``configs/pretrain.json``'s encoder, projector, batched two-view
    augmentation and objective at initialisation, one step on a mixed batch (generated images of the SSL
@@ -44,7 +45,7 @@ from scripts.objective.graph import incidence_rows, knn_edges, pad_edges
 from scripts.objective.lvmmed_loss import LVMMedLoss
 from scripts.pretraining.model import PretrainModel
 
-__all__ = ["BEFORE_ISSUE_21", "parse_setting", "path_ratios", "free_embedding_probe", "near_duplicate_growth", "run",
+__all__ = ["BEFORE_ISSUE_21", "ALL_FIXES", "parse_setting", "path_ratios", "free_embedding_probe", "near_duplicate_growth", "run",
            "main"]
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -52,6 +53,8 @@ PRETRAIN_CONFIG = REPOSITORY / "configs" / "pretrain.json"
 BEFORE_ISSUE_21: dict[str, Any] = {
     "noise_reference": "absolute", "noise_scale": 0.1, "edge_normalisation": "none", "edge_softening": 0.0,
 }
+# every switch of issue 21 on: the degree-normalised edge term and the Gumbel scale relative to the spread
+ALL_FIXES: dict[str, Any] = {"edge_normalisation": "degree", "noise_reference": "spread", "noise_scale": 2.0}
 DISTANCES = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 
 
@@ -235,7 +238,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    settings: dict[str, dict[str, Any]] = {"defaults": {}, "before issue 21": dict(BEFORE_ISSUE_21)}
+    settings: dict[str, dict[str, Any]] = {"defaults": {}, "before issue 21": dict(BEFORE_ISSUE_21),
+                                           "all issue-21 switches": dict(ALL_FIXES)}
     for text in args.compare:
         settings[text] = parse_setting(text)
     results = run(settings, args.quick)

@@ -164,11 +164,13 @@ def study_rows() -> list[Row]:
     ]
 
 
-# the same number of tuning trials for every method, each with its values spelt out: LVM-Med's Gumbel scale relative
-# to the affinities' spread (2.0 keeps the gradient alive on the free-embedding probe, 0.5 is the level of the old
-# absolute 0.1), SimCLR's temperature, VICReg's invariance/variance weights, Barlow Twins' off-diagonal weight
+# the same number of tuning trials for every method, each with its values spelt out: LVM-Med as shipped (absolute
+# Gumbel scale 0.1, every directed edge pair) and with every switch of issue 21 (degree-normalised edges, Gumbel
+# scale 2 x the affinities' spread), SimCLR's temperature, VICReg's invariance/variance weights, Barlow Twins'
+# off-diagonal weight
 TUNING_TRIALS: dict[str, list[dict[str, Any]]] = {
-    "LVM-Med": [{"loss#noise_scale": 2.0}, {"loss#noise_scale": 0.5}],
+    "LVM-Med": [{"loss#noise_reference": "absolute", "loss#noise_scale": 0.1, "loss#edge_normalisation": "none"},
+                {"loss#noise_reference": "spread", "loss#noise_scale": 2.0, "loss#edge_normalisation": "degree"}],
     "SimCLR": [{"loss": "@baseline_objectives#simclr", "baseline_objectives#simclr#temperature": 0.5},
                {"loss": "@baseline_objectives#simclr", "baseline_objectives#simclr#temperature": 0.1}],
     "VICReg": [{"loss": "@baseline_objectives#vicreg", "baseline_objectives#vicreg#sim_coeff": 25.0,

@@ -191,14 +191,15 @@ def test_parse_setting_reads_json_values() -> None:
 
 
 def test_quick_learning_signal_shows_the_fixes(capsys: pytest.CaptureFixture[str]) -> None:
-    results = learning_signal.run({"defaults": {}, "before": dict(learning_signal.BEFORE_ISSUE_21)}, quick=True)
-    for name in ("defaults", "before"):
+    results = learning_signal.run({"defaults": {}, "before": dict(learning_signal.BEFORE_ISSUE_21),
+                                   "fixes": dict(learning_signal.ALL_FIXES)}, quick=True)
+    for name in ("defaults", "before", "fixes"):
         assert set(results[name]["path_ratio"]) == {"mixed", "slices", "local_mixed"}
         assert 0.0 <= results[name]["free_embeddings"]["zero_gradient_share"] <= 1.0
     # the measured fixes: bounded near-duplicate gradients, the edge term brought to the vertex term's scale
     before, after = results["before"]["near_duplicate_growth"], results["defaults"]["near_duplicate_growth"]
     assert before[1e-6] > 1e4 and after[1e-6] < 10
-    assert results["defaults"]["path_ratio"]["mixed"] < results["before"]["path_ratio"]["mixed"]
+    assert results["fixes"]["path_ratio"]["mixed"] < results["before"]["path_ratio"]["mixed"]
     assert math.isnan(results["NT-Xent"]["free_embeddings"]["zero_gradient_share"])
     learning_signal.main(["--quick", "--compare", "second_order=false"])
     assert "second_order=false" in capsys.readouterr().out

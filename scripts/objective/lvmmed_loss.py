@@ -59,12 +59,13 @@ class LVMMedLoss(nn.Module):
             +-lambda_ (towards the true matching), in the affinities' own units (cosines in [-1, 1]),
             whatever the loss's weight or AMP's loss scale (see ``docs/objective.md``).
         num_samples: IMLE noise samples per step.
-        noise_scale: scale of the Gumbel noise: in units of the standard deviation of each graph's vertex
-            affinities with ``noise_reference="spread"`` (default), in the affinities' own units (cosines in
-            [-1, 1]) with ``"absolute"`` (see ``docs/objective.md``).
-        noise_reference: "spread" or "absolute" (``imle.imle_linear_loss``): a fixed scale stops perturbing the
+        noise_scale: scale of the Gumbel noise: in the affinities' own units (cosines in [-1, 1]) with
+            ``noise_reference="absolute"`` (default), in units of the standard deviation of each graph's vertex
+            affinities with ``"spread"`` (see ``docs/objective.md``).
+        noise_reference: "absolute" or "spread" (``imle.imle_linear_loss``): a fixed scale stops perturbing the
             matching once the true pairs stand out by a few times the scale, and the gradient is then exactly zero
-            while the representation may still be poor.
+            while the representation may still be poor; "spread" keeps it alive on probes, but on ``make demo`` it
+            let the embeddings collapse (``docs/objective.md``), so it is not the default.
         margin: the constant that replaces the noise when ``noise="none"``: subtracted from the
             true-match vertex affinities, as BB-GM's margin (ablation iii).
         gcn_features: layer sizes of the GCN.
@@ -78,7 +79,8 @@ class LVMMedLoss(nn.Module):
         edge_normalisation: "degree" divides the edge affinities by the graphs' mean number of directed edges per
             vertex, so that at ``edge_weight`` 1 a vertex's matched edges count at most as much as its vertex
             affinity (BB-GM halves its quadratic costs for the same double count); "none" sums every directed
-            edge pair as it is (about 7 times the vertex term at n = 16, k = 5).
+            edge pair as it is (default: on ``make demo`` the degree-normalised term let the embeddings collapse,
+            ``docs/objective.md``).
         edge_softening: s of ``affinity.edge_affinity``: edge vectors are divided by sqrt(|d|^2 + tau^2),
             tau = s times the graph's root-mean-square edge length, instead of |d|: bounded gradients for the
             short edges between near-duplicate images (0: the plain cosine, whose gradient grows as 1 / |d|).
@@ -107,15 +109,15 @@ class LVMMedLoss(nn.Module):
         alpha: float = 0.8,
         lambda_: float = 3.0,
         num_samples: int = 1,
-        noise_scale: float = 2.0,
-        noise_reference: Literal["spread", "absolute"] = "spread",
+        noise_scale: float = 0.1,
+        noise_reference: Literal["spread", "absolute"] = "absolute",
         margin: float = 1.0,
         gcn_features: tuple[int, ...] = (128, 128),
         gcn_residual: bool = True,
         local_grid_size: int | Literal["auto"] | None = "auto",
         local_num_matches: int | None = 20,
         edge_weight: float = 1.0,
-        edge_normalisation: Literal["degree", "none"] = "degree",
+        edge_normalisation: Literal["degree", "none"] = "none",
         edge_softening: float = 0.5,
         second_order: bool = True,
         message_passing: bool = True,
