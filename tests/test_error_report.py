@@ -52,7 +52,8 @@ def datalist(tmp_path: Path, image: Path, label: Path) -> Path:
 def test_missing_datalist(tmp_path: Path) -> None:
     missing = tmp_path / "missing.json"
     lines = error_lines(bundle_run(tmp_path, "train.json", "--datalist_file", str(missing)))
-    assert lines[0] == f"SegmentationDataError: datalist {missing} does not exist"
+    # caught by the config check at start, before any data is read: the key and the file on the first line
+    assert lines[0] == f"ConfigValueError: configs/train.json: datalist_file='{missing}': no such file"
     assert len(lines) == 2 and "LVMMED_DEBUG=1" in lines[1]  # no traceback
 
 

@@ -38,11 +38,16 @@ def test_network_data_format_describes_the_inference_network_and_its_labels() ->
     """verify_net_in_out itself runs in tests/test_seg_workflows.py; here the values that it does not check."""
     from scripts.segmentation.embedded import LABEL_NAMES
 
+    from monai.bundle import ConfigParser
+
     metadata = json.loads((REPO_ROOT / "configs" / "metadata.json").read_text())
-    inference = json.loads((REPO_ROOT / "configs" / "inference.json").read_text())
+    # inference.json reads its settings from the model's stored settings: the values without a model file
+    inference = ConfigParser()
+    inference.read_config(str(REPO_ROOT / "configs" / "inference.json"))
+    inference["checkpoint"] = str(REPO_ROOT / "models" / "no_such_model.pt")
     image = metadata["network_data_format"]["inputs"]["image"]
     pred = metadata["network_data_format"]["outputs"]["pred"]
-    assert image["num_channels"] == inference["in_channels"]
-    assert pred["num_channels"] == inference["num_classes"] == len(pred["channel_def"])
+    assert image["num_channels"] == inference.get_parsed_content("in_channels")
+    assert pred["num_channels"] == inference.get_parsed_content("num_classes") == len(pred["channel_def"])
     assert pred["channel_def"] == LABEL_NAMES
     assert pred["format"] == "segmentation"
