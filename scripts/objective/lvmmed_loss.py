@@ -270,7 +270,9 @@ class LVMMedLoss(nn.Module):
             width = 2 * num_nodes * min(self.num_neighbors, num_nodes - 1)
             edges = pad_edges(adjacency, width)
             incidence = incidence_rows(edges, num_nodes, unary.dtype)
-            edge_counts = adjacency.sum((1, 2), keepdim=True, dtype=unary.dtype)  # (2G, 1, 1), each >= 2
+            # (2G, 1, 1) edges per graph, each >= 2: only the softening and the degree normalisation read them
+            needs_counts = self.edge_softening > 0 or self.edge_normalisation == "degree"
+            edge_counts = adjacency.sum((1, 2), keepdim=True, dtype=unary.dtype) if needs_counts else None
             pairwise = edge_affinity(self._observed(nodes, "edge"), incidence, self.edge_softening, edge_counts)
             pairwise = self._weighted_edges(pairwise, edge_counts, num_nodes)
             edges1, edges2 = edges.chunk(2)
@@ -295,7 +297,7 @@ class LVMMedLoss(nn.Module):
             self._hamming_costs[key] = like.new_ones((num_nodes, num_nodes)).fill_diagonal_(-1.0)
         return self._hamming_costs[key]
 
-    def _weighted_edges(self, pairwise: torch.Tensor, edge_counts: torch.Tensor, num_nodes: int) -> torch.Tensor:
+    def _weighted_edges(self, pairwise: torch.Tensor, edge_counts: torch.Tensor | None, num_nodes: int) -> torch.Tensor:
         """(G, E, E) edge affinities times ``edge_weight``, divided by the mean directed degree of each graph pair
         (``edge_counts``: (2G, 1, 1) edges of view 1's graphs, then view 2's) with ``edge_normalisation="degree"``."""
         if self.edge_normalisation == "none":
