@@ -27,6 +27,7 @@ MONAI's ``FlexibleUNet`` on the same backbone, a study option so that the full s
 from __future__ import annotations
 
 import argparse
+import gc
 import inspect
 import json
 import logging
@@ -361,6 +362,9 @@ def run_row(row: Row, seed: int, settings: StudySettings, paths: BenchmarkPaths)
         return figures
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+        # the pretraining loader's persistent workers end with its iterator, which Ignite's engine keeps in reference
+        # cycles: collect them now, or every row of a long study leaves its workers (and their memory) behind
+        gc.collect()
 
 
 def run_ceiling(seed: int, settings: StudySettings, paths: BenchmarkPaths) -> dict[str, float]:
@@ -471,7 +475,7 @@ def report(summary: dict[str, dict[str, tuple[float, float]]], settings: StudySe
         "# LVM-Med against its ablations and standard SSL objectives", "",
         "Written by `python -m benchmarks.ssl_study` (`benchmarks/ssl_study.py`; method in its docstring).", "",
         f"- command: `{command}`", f"- machine: {device}, torch {torch.__version__}, Python {platform.python_version()}; "
-        f"wall time {wall_seconds / 60:.1f} min",
+        f"time {wall_seconds / 60:.1f} min (wall time of each process, summed over merged records)",
         f"- encoder: {settings.encoder} (3-channel input, {settings.image_size} x {settings.image_size} views and "
         "images); U-Net: " + ("`ResNet50UNet`" if settings.encoder == "resnet50" else f"MONAI `FlexibleUNet` on {settings.encoder}"),
         f"- pretraining: {settings.pretrain_iterations} iterations for every row ({settings.pretrain_epochs} epochs of "
@@ -499,11 +503,13 @@ def report(summary: dict[str, dict[str, tuple[float, float]]], settings: StudySe
 
 def run_study(settings: StudySettings, data_root: Path, output: Path | None, command: str,
               rows: Sequence[Row] | None = None, with_ceiling: bool = True,
-              resume: bool = False) -> dict[str, dict[str, tuple[float, float]]]:
+              resume: bool = False, merge: Sequence[Path] = ()) -> dict[str, dict[str, tuple[float, float]]]:
     """Runs every row over every seed (seed by seed, so that a cut-short run has every row at its first seeds) and
     returns the summary. With ``output``, each (row, seed)'s figures are saved to ``output.json`` as they come, and
     the report and its plot are written at the end; ``resume`` keeps the (row, seed) pairs that file already holds
-    (it must come from the same settings), so an interrupted study continues where it stopped.
+    (it must come from the same settings), so an interrupted study continues where it stopped. ``merge`` adds the
+    (row, seed) pairs of other studies' ``.json`` records of the same settings (e.g. rows run in parallel processes)
+    and their time; a pair in two records must hold the same figures.
     """
     start = time.perf_counter()
     paths = prepare_ssl_benchmark(data_root, settings.benchmark)
@@ -516,6 +522,19 @@ def run_study(settings: StudySettings, data_root: Path, output: Path | None, com
         if saved.get("settings") != repr(settings):
             raise ValueError(f"{record} holds a study with other settings ({saved.get('settings')}); not resumed.")
         runs, seconds_before = saved["runs"], float(saved["seconds"])
+    for other in merge:
+        saved = json.loads(Path(other).read_text())
+        if saved.get("settings") != repr(settings):
+            raise ValueError(f"{other} holds a study with other settings ({saved.get('settings')}); not merged.")
+        for name, seeds in saved["runs"].items():
+            for seed, figures in seeds.items():
+                if runs.get(name, {}).get(seed, figures) != figures:
+                    raise ValueError(f"{other} holds other figures for {name!r}, seed {seed}; not merged.")
+                runs.setdefault(name, {})[seed] = figures
+        seconds_before += float(saved["seconds"])
+    if merge and record is not None:
+        state = {"settings": repr(settings), "seconds": seconds_before, "runs": runs}
+        write_atomically(record, lambda temporary: temporary.write_text(json.dumps(state, indent=1)))
     tasks: list[tuple[Row | None, int]] = [(row, seed) for seed in settings.seeds for row in rows]
     tasks += [(None, settings.seeds[0])] if with_ceiling else []  # the ceiling is one seed: it costs several rows
     for row, seed in tasks:
@@ -564,6 +583,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--data-root", type=Path, default=None, help="benchmark folder (default data/ssl_benchmark[_quick])")
     parser.add_argument("--output", type=Path, default=None, help="Markdown report, e.g. docs/ssl_study.md")
     parser.add_argument("--resume", action="store_true", help="keep the (row, seed) results already in the output's .json")
+    parser.add_argument("--merge", type=Path, nargs="+", default=(),
+                        help="add the (row, seed) results of these .json records of the same settings (rows run in "
+                             "parallel processes), then run what is missing")
     args = parser.parse_args(argv)
     base = QUICK if args.quick else (V2 if args.preset == "v2" else StudySettings())
     if args.slices_per_volume is not None:
@@ -593,7 +615,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         + (f"_slices{sizes.slices_per_volume}" if sizes.slices_per_volume > 1 else ""))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     summary = run_study(settings, data_root, args.output, "python -m benchmarks.ssl_study " + " ".join(sys.argv[1:] if argv is None else argv),
-                        rows, with_ceiling=not args.tune and (not args.rows or CEILING in args.rows), resume=args.resume)
+                        rows, with_ceiling=not args.tune and (not args.rows or CEILING in args.rows), resume=args.resume,
+                        merge=args.merge)
     for name, row in summary.items():
         print(f"{name:34s} " + "  ".join(f"{key} {_cell(row, key)}" for key in ("knn", "probe", "supervised", "dice", "score", "effective_rank", *SIGNAL_STATISTICS, "seconds_per_iteration") if key in row))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import multiprocessing
 from collections import Counter
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks.ssl_study import CEILING, QUICK, V2, StudySettings, main, study_rows, tuning_rows, weighted_knn_accuracy
+from benchmarks.ssl_study import CEILING, QUICK, RANDOM_INIT, V2, StudySettings, main, study_rows, tuning_rows, weighted_knn_accuracy
 from scripts.classification.datalist import load_split
 from scripts.data.slices import PretrainSliceDataset
 from scripts.data.ssl_benchmark import CLASSES, MODALITIES, BenchmarkSizes, draw_case, prepare_ssl_benchmark
@@ -167,3 +168,23 @@ def test_near_duplicate_pool_is_volumes_of_adjacent_slices(tmp_path: Path) -> No
     adjacent = np.abs(np.diff(volume, axis=-1)).mean()
     other = np.abs(volume - np.asarray(nib.load(sorted((tmp_path / "pool" / "ct").glob("*.nii.gz"))[1]).dataobj)).mean()
     assert adjacent < 0.2 * other  # consecutive slices are near-duplicates, other volumes are not
+
+
+def test_merge_joins_rows_run_in_separate_processes(tmp_path: Path) -> None:
+    data = ["--quick", "--data-root", str(tmp_path / "data")]
+    main([*data, "--rows", RANDOM_INIT, "--output", str(tmp_path / "a" / "study.md")])
+    main([*data, "--rows", "SimCLR", "--output", str(tmp_path / "b" / "study.md")])
+    records = [tmp_path / name / "study.json" for name in ("a", "b")]
+    main([*data, "--rows", RANDOM_INIT, "SimCLR", "--merge", *map(str, records), "--output", str(tmp_path / "study.md")])
+    merged = json.loads((tmp_path / "study.json").read_text())
+    parts = [json.loads(record.read_text()) for record in records]
+    assert merged["runs"] == {**parts[0]["runs"], **parts[1]["runs"]}  # nothing rerun
+    assert merged["seconds"] == pytest.approx(parts[0]["seconds"] + parts[1]["seconds"])
+    assert "| SimCLR |" in (tmp_path / "study.md").read_text()
+    assert multiprocessing.active_children() == []  # no pretraining loader workers left behind by the rows
+    parts[1]["runs"]["SimCLR"]["0"]["probe"] += 0.1
+    records[1].write_text(json.dumps(parts[1]))
+    with pytest.raises(ValueError, match="other figures for 'SimCLR'"):
+        main([*data, "--rows", "SimCLR", "--merge", str(records[1]), "--output", str(tmp_path / "study.md"), "--resume"])
+    with pytest.raises(ValueError, match="other settings"):
+        main([*data, "--seeds", "1", "--merge", str(records[0]), "--rows", RANDOM_INIT, "--output", str(tmp_path / "c.md")])
