@@ -454,9 +454,23 @@ def plot(summary: dict[str, dict[str, tuple[float, float]]], path: Path) -> None
     plt.close(figure)
 
 
+def _missing_seeds(settings: StudySettings, seeds_held: dict[str, list[int]]) -> str:
+    """``" (held: ...)"`` naming the seeds each row holds when a row (other than the one-seed ceiling) lacks a
+    planned seed, rows with the same seeds together; empty when every row holds every seed."""
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for name, seeds in seeds_held.items():
+        if name != CEILING:
+            groups.setdefault(tuple(seeds), []).append(name)
+    if all(seeds == tuple(settings.seeds) for seeds in groups):
+        return ""
+    return " planned (**held**: " + "; ".join(
+        f"{', '.join(map(str, seeds))} for {', '.join(names) if len(groups) > 1 else 'every row'}"
+        for seeds, names in groups.items()) + ")"
+
+
 def report(summary: dict[str, dict[str, tuple[float, float]]], settings: StudySettings, command: str,
-           wall_seconds: float, plot_path: Path) -> str:
-    """The Markdown report."""
+           wall_seconds: float, plot_path: Path, seeds_held: dict[str, list[int]] | None = None) -> str:
+    """The Markdown report; ``seeds_held`` (row -> seeds it holds) is shown where a row lacks a planned seed."""
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
     header = ("| method | kNN acc. (k=20) | linear probe acc. | fine-tuned Dice | mean of probe and Dice | "
               "pretraining s / iteration |\n|---|---|---|---|---|---|")
@@ -485,12 +499,13 @@ def report(summary: dict[str, dict[str, tuple[float, float]]], settings: StudySe
         "fine-tuning the whole encoder on the training split and the labelled pool (learning rate 1e-3, first seed "
         "only); U-Net: "
         f"{settings.segmentation_epochs} epochs of `configs/train.json` (batch 16); kNN k=20, t=0.1",
-        f"- seeds: {', '.join(map(str, settings.seeds))}; evaluated on the **{settings.evaluation_split}** split; "
-        f"mean ± sample std over seeds",
+        f"- seeds: {', '.join(map(str, settings.seeds))}{_missing_seeds(settings, seeds_held or {})}; evaluated on the "
+        f"**{settings.evaluation_split}** split; mean ± sample std over the seeds held",
         f"- data: `scripts/data/ssl_benchmark.py`, pool {b.pool_per_modality} generated images per modality (5) plus "
         f"the pydicom/nibabel real images; {b.training_per_group}/{b.validation_per_group}/{b.test_per_group} "
         "labelled images per (modality, shape class) pair for training/validation/test (20 pairs)",
-        f"- lambda rows: `LVMMedLoss`'s default lambda_ = {default_lambda():g} divided and multiplied by 10",
+        *([f"- lambda rows: `LVMMedLoss`'s default lambda_ = {default_lambda():g} divided and multiplied by 10"]
+          if any(name.startswith("lambda") for name in summary) else []),
         f"- feature maps: {settings.encoder} of output stride {settings.output_stride}: "
         f"{-(-settings.image_size // settings.output_stride)} x {-(-settings.image_size // settings.output_stride)} cells"
         f" at {settings.image_size} px; pool: " + ("independent images" if b.slices_per_volume == 1 else
@@ -503,13 +518,15 @@ def report(summary: dict[str, dict[str, tuple[float, float]]], settings: StudySe
 
 def run_study(settings: StudySettings, data_root: Path, output: Path | None, command: str,
               rows: Sequence[Row] | None = None, with_ceiling: bool = True,
-              resume: bool = False, merge: Sequence[Path] = ()) -> dict[str, dict[str, tuple[float, float]]]:
+              resume: bool = False, merge: Sequence[Path] = (),
+              report_only: bool = False) -> dict[str, dict[str, tuple[float, float]]]:
     """Runs every row over every seed (seed by seed, so that a cut-short run has every row at its first seeds) and
     returns the summary. With ``output``, each (row, seed)'s figures are saved to ``output.json`` as they come, and
     the report and its plot are written at the end; ``resume`` keeps the (row, seed) pairs that file already holds
     (it must come from the same settings), so an interrupted study continues where it stopped. ``merge`` adds the
     (row, seed) pairs of other studies' ``.json`` records of the same settings (e.g. rows run in parallel processes)
-    and their time; a pair in two records must hold the same figures.
+    and their time; a pair in two records must hold the same figures. ``report_only`` runs nothing: the report of
+    the pairs held so far (a study cut short, its missing seeds to come with ``resume``).
     """
     start = time.perf_counter()
     paths = prepare_ssl_benchmark(data_root, settings.benchmark)
@@ -537,6 +554,8 @@ def run_study(settings: StudySettings, data_root: Path, output: Path | None, com
         write_atomically(record, lambda temporary: temporary.write_text(json.dumps(state, indent=1)))
     tasks: list[tuple[Row | None, int]] = [(row, seed) for seed in settings.seeds for row in rows]
     tasks += [(None, settings.seeds[0])] if with_ceiling else []  # the ceiling is one seed: it costs several rows
+    if report_only:
+        tasks = []
     for row, seed in tasks:
         name = row.name if row is not None else CEILING
         if str(seed) in runs.get(name, {}):
@@ -555,7 +574,8 @@ def run_study(settings: StudySettings, data_root: Path, output: Path | None, com
         plot_path = output.with_suffix(".png")
         plot(summary, plot_path)
         wall = seconds_before + time.perf_counter() - start
-        output.write_text(report(summary, settings, command, wall, plot_path), encoding="utf-8")
+        held = {name: sorted(map(int, runs[name])) for name in results}
+        output.write_text(report(summary, settings, command, wall, plot_path, held), encoding="utf-8")
     return summary
 
 
@@ -586,6 +606,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--merge", type=Path, nargs="+", default=(),
                         help="add the (row, seed) results of these .json records of the same settings (rows run in "
                              "parallel processes), then run what is missing")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: write the report of the (row, seed) results held (with --resume/--merge)")
     args = parser.parse_args(argv)
     base = QUICK if args.quick else (V2 if args.preset == "v2" else StudySettings())
     if args.slices_per_volume is not None:
@@ -616,7 +638,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     summary = run_study(settings, data_root, args.output, "python -m benchmarks.ssl_study " + " ".join(sys.argv[1:] if argv is None else argv),
                         rows, with_ceiling=not args.tune and (not args.rows or CEILING in args.rows), resume=args.resume,
-                        merge=args.merge)
+                        merge=args.merge, report_only=args.report_only)
     for name, row in summary.items():
         print(f"{name:34s} " + "  ".join(f"{key} {_cell(row, key)}" for key in ("knn", "probe", "supervised", "dice", "score", "effective_rank", *SIGNAL_STATISTICS, "seconds_per_iteration") if key in row))
 

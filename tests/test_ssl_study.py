@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks.ssl_study import CEILING, QUICK, RANDOM_INIT, V2, StudySettings, main, study_rows, tuning_rows, weighted_knn_accuracy
+from benchmarks.ssl_study import CEILING, QUICK, RANDOM_INIT, _missing_seeds, V2, StudySettings, main, study_rows, tuning_rows, weighted_knn_accuracy
 from scripts.classification.datalist import load_split
 from scripts.data.slices import PretrainSliceDataset
 from scripts.data.ssl_benchmark import CLASSES, MODALITIES, BenchmarkSizes, draw_case, prepare_ssl_benchmark
@@ -181,6 +181,9 @@ def test_merge_joins_rows_run_in_separate_processes(tmp_path: Path) -> None:
     assert merged["runs"] == {**parts[0]["runs"], **parts[1]["runs"]}  # nothing rerun
     assert merged["seconds"] == pytest.approx(parts[0]["seconds"] + parts[1]["seconds"])
     assert "| SimCLR |" in (tmp_path / "study.md").read_text()
+    main([*data, "--resume", "--report-only", "--output", str(tmp_path / "study.md")])  # every row missing: none runs
+    assert json.loads((tmp_path / "study.json").read_text())["runs"] == merged["runs"]
+    assert "| VICReg |" not in (tmp_path / "study.md").read_text()
     assert multiprocessing.active_children() == []  # no pretraining loader workers left behind by the rows
     parts[1]["runs"]["SimCLR"]["0"]["probe"] += 0.1
     records[1].write_text(json.dumps(parts[1]))
@@ -188,3 +191,11 @@ def test_merge_joins_rows_run_in_separate_processes(tmp_path: Path) -> None:
         main([*data, "--rows", "SimCLR", "--merge", str(records[1]), "--output", str(tmp_path / "study.md"), "--resume"])
     with pytest.raises(ValueError, match="other settings"):
         main([*data, "--seeds", "1", "--merge", str(records[0]), "--rows", RANDOM_INIT, "--output", str(tmp_path / "c.md")])
+
+
+def test_report_names_the_seeds_held_when_a_study_is_cut_short() -> None:
+    settings = StudySettings(seeds=(0, 1, 2))
+    assert _missing_seeds(settings, {RANDOM_INIT: [0, 1, 2], "SimCLR": [0, 1, 2], CEILING: [0]}) == ""
+    held = _missing_seeds(settings, {RANDOM_INIT: [0, 1, 2], "SimCLR": [0, 1], "VICReg": [0, 1], CEILING: [0]})
+    assert held == f" planned (**held**: 0, 1, 2 for {RANDOM_INIT}; 0, 1 for SimCLR, VICReg)"
+    assert _missing_seeds(settings, {"SimCLR": [0], "VICReg": [0]}) == " planned (**held**: 0 for every row)"
