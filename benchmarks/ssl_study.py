@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import platform
+import shlex
 import shutil
 import sys
 import tempfile
@@ -636,7 +637,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"ssl_benchmark_{'quick' if args.quick else args.preset}"
         + (f"_slices{sizes.slices_per_volume}" if sizes.slices_per_volume > 1 else ""))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    summary = run_study(settings, data_root, args.output, "python -m benchmarks.ssl_study " + " ".join(sys.argv[1:] if argv is None else argv),
+    summary = run_study(settings, data_root, args.output, "python -m benchmarks.ssl_study " + shlex.join(sys.argv[1:] if argv is None else argv),
                         rows, with_ceiling=not args.tune and (not args.rows or CEILING in args.rows), resume=args.resume,
                         merge=args.merge, report_only=args.report_only)
     for name, row in summary.items():
