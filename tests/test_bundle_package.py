@@ -320,7 +320,7 @@ def test_installed_copy_runs_its_inference_config_from_its_own_folder(installed_
     )
     assert done.returncode == 0, done.stderr[-4000:]
     outputs = installed_bundle / "runs" / "inference"  # bundle_root "." is the installed folder
-    labels = set(range(json.loads((installed_bundle / "configs" / "inference.json").read_text())["num_classes"]))
+    labels = set(range(int(parser.get_parsed_content("num_classes"))))  # an expression: it reads the model's settings
     volume_mask = np.asarray(nib.load(outputs / "anatomical_seg.nii.gz").dataobj)
     assert volume_mask.shape == nib.load(volume).shape
     png_mask = np.asarray(Image.open(outputs / "ramp_seg.png"))
