@@ -456,7 +456,7 @@ def plot(summary: dict[str, dict[str, tuple[float, float]]], path: Path) -> None
 
 
 def _missing_seeds(settings: StudySettings, seeds_held: dict[str, list[int]]) -> str:
-    """``" (held: ...)"`` naming the seeds each row holds when a row (other than the one-seed ceiling) lacks a
+    """``" planned (**held**: ...)"`` naming the seeds each row holds when a row (other than the one-seed ceiling) lacks a
     planned seed, rows with the same seeds together; empty when every row holds every seed."""
     groups: dict[tuple[int, ...], list[str]] = {}
     for name, seeds in seeds_held.items():
@@ -517,6 +517,22 @@ def report(summary: dict[str, dict[str, tuple[float, float]]], settings: StudySe
     return "\n".join(text)
 
 
+def _read_record(path: Path, settings: StudySettings, use: str) -> tuple[dict[str, dict[str, dict[str, float]]], float]:
+    """The (row, seed) figures and the seconds of a study's ``.json`` record, which must hold ``settings``' study
+    (``use``, "resumed" or "merged", names what is refused otherwise)."""
+    saved = json.loads(path.read_text())
+    if saved.get("settings") != repr(settings):
+        raise ValueError(f"{path} holds a study with other settings ({saved.get('settings')}); not {use}.")
+    return saved["runs"], float(saved["seconds"])
+
+
+def _save_record(path: Path, settings: StudySettings, runs: dict[str, dict[str, dict[str, float]]],
+                 seconds: float) -> None:
+    """Writes the study's record atomically: its settings, seconds so far and (row, seed) figures."""
+    state = {"settings": repr(settings), "seconds": seconds, "runs": runs}
+    write_atomically(path, lambda temporary: temporary.write_text(json.dumps(state, indent=1)))
+
+
 def run_study(settings: StudySettings, data_root: Path, output: Path | None, command: str,
               rows: Sequence[Row] | None = None, with_ceiling: bool = True,
               resume: bool = False, merge: Sequence[Path] = (),
@@ -536,27 +552,20 @@ def run_study(settings: StudySettings, data_root: Path, output: Path | None, com
     runs: dict[str, dict[str, dict[str, float]]] = {}
     seconds_before = 0.0
     if resume and record is not None and record.is_file():
-        saved = json.loads(record.read_text())
-        if saved.get("settings") != repr(settings):
-            raise ValueError(f"{record} holds a study with other settings ({saved.get('settings')}); not resumed.")
-        runs, seconds_before = saved["runs"], float(saved["seconds"])
+        runs, seconds_before = _read_record(record, settings, "resumed")
     for other in merge:
-        saved = json.loads(Path(other).read_text())
-        if saved.get("settings") != repr(settings):
-            raise ValueError(f"{other} holds a study with other settings ({saved.get('settings')}); not merged.")
-        for name, seeds in saved["runs"].items():
+        other_runs, other_seconds = _read_record(Path(other), settings, "merged")
+        for name, seeds in other_runs.items():
             for seed, figures in seeds.items():
                 if runs.get(name, {}).get(seed, figures) != figures:
                     raise ValueError(f"{other} holds other figures for {name!r}, seed {seed}; not merged.")
                 runs.setdefault(name, {})[seed] = figures
-        seconds_before += float(saved["seconds"])
+        seconds_before += other_seconds
     if merge and record is not None:
-        state = {"settings": repr(settings), "seconds": seconds_before, "runs": runs}
-        write_atomically(record, lambda temporary: temporary.write_text(json.dumps(state, indent=1)))
-    tasks: list[tuple[Row | None, int]] = [(row, seed) for seed in settings.seeds for row in rows]
-    tasks += [(None, settings.seeds[0])] if with_ceiling else []  # the ceiling is one seed: it costs several rows
-    if report_only:
-        tasks = []
+        _save_record(record, settings, runs, seconds_before)
+    tasks: list[tuple[Row | None, int]] = [] if report_only else [(row, seed) for seed in settings.seeds for row in rows]
+    # the ceiling is one seed: it costs several rows
+    tasks += [(None, settings.seeds[0])] if with_ceiling and not report_only else []
     for row, seed in tasks:
         name = row.name if row is not None else CEILING
         if str(seed) in runs.get(name, {}):
@@ -566,8 +575,7 @@ def run_study(settings: StudySettings, data_root: Path, output: Path | None, com
         runs.setdefault(name, {})[str(seed)] = figures
         logger.info("%s, seed %d: %s (%.0f s)", name, seed, figures, time.perf_counter() - began)
         if record is not None:
-            state = {"settings": repr(settings), "seconds": seconds_before + time.perf_counter() - start, "runs": runs}
-            write_atomically(record, lambda temporary: temporary.write_text(json.dumps(state, indent=1)))
+            _save_record(record, settings, runs, seconds_before + time.perf_counter() - start)
     order = [row.name for row in [*study_rows(), *tuning_rows()]] + [CEILING]
     results = {name: [runs[name][key] for key in sorted(runs[name], key=int)] for name in order if name in runs}
     summary = summarise(results)

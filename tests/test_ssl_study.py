@@ -15,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks.ssl_study import CEILING, QUICK, RANDOM_INIT, _missing_seeds, V2, StudySettings, main, study_rows, tuning_rows, weighted_knn_accuracy
+from benchmarks.ssl_study import (CEILING, QUICK, RANDOM_INIT, V2, StudySettings, _missing_seeds, main, study_rows,
+                                  tuning_rows, weighted_knn_accuracy)
 from scripts.classification.datalist import load_split
 from scripts.data.slices import PretrainSliceDataset
 from scripts.data.ssl_benchmark import CLASSES, MODALITIES, BenchmarkSizes, draw_case, prepare_ssl_benchmark
