@@ -10,7 +10,9 @@ not keep its file names; :func:`check_config` therefore takes the parser from th
 ``ConfigParser.get_parsed_content`` frame that evaluates the expression) and re-reads the bundle's own
 config files to tell the keys written there from the ones added on the command line. A top-level key that none
 of them defines (``--max_epoch 1`` for ``max_epochs``) stops the run with its near matches: MONAI would add it
-silently and run with the default. The keys MONAI's experiment tracking (``--tracking``) adds are known too.
+silently and run with the default. The keys MONAI's experiment tracking (``--tracking``) adds are known too. MONAI's
+CLI also drops every override whose value is None (``--monitor_interval None``): a ``monai.bundle`` command line
+asking for None where the config holds a value stops the run with the value that does what was meant.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +30,8 @@ from monai.bundle import ConfigParser
 from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS
 
 __all__ = ["SCHEMAS", "ConfigValueError", "Choice", "ExistingPath", "Integer", "Number", "Switch",
-           "TRACKING_KEYS", "check_config", "evaluating_parser", "check_values", "unknown_keys"]
+           "TRACKING_KEYS", "check_config", "evaluating_parser", "check_values", "unknown_keys",
+           "dropped_none_overrides"]
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 # top-level keys ``monai.bundle run --tracking NAME`` adds to a config (its settings' "configs" that are not handlers)
@@ -155,9 +159,9 @@ SCHEMAS: dict[str, dict[str, Spec]] = {
     "pretrain": {
         **_TRAIN,
         "lr_halvings": Integer(0),
-        "max_grad_norm": Number(0, exclusive_minimum=True, optional=True),
+        "max_grad_norm": Number(0, optional=True),
         "log_interval": Integer(1),
-        "monitor_interval": Integer(1, optional=True),
+        "monitor_interval": Integer(0, optional=True),
         "monitor_samples": Integer(1, optional=True),
         "knn_datalist": ExistingPath(),
         "balance_modalities": Switch(),
@@ -170,7 +174,7 @@ SCHEMAS: dict[str, dict[str, Spec]] = {
         **_TRAIN, **_SEGMENTATION,
         "val_interval": Integer(1),
         "validate_at_start": Switch(),
-        "max_grad_norm": Number(0, exclusive_minimum=True, optional=True),
+        "max_grad_norm": Number(0, optional=True),
         "log_interval": Integer(1),
         "cache_rate": Number(0, 1),
     },
@@ -262,6 +266,43 @@ def _file_keys(config_names: Sequence[str]) -> list[str]:
     return list(keys)
 
 
+# the value that turns off what None turns off, for the keys that have one (MONAI's command line drops None)
+_OFF_VALUES = {"monitor_interval": 0, "max_grad_norm": 0}
+
+
+def dropped_none_overrides(argv: Sequence[str], config: ConfigParser | Mapping[str, Any]) -> list[str]:
+    """One message per ``--key None`` (or ``--key=None``) of a ``monai.bundle`` command line whose key the config sets
+    to something else: MONAI's CLI ignores override values that parse to None (``update_kwargs(ignore_none=True)``),
+    so the run would keep the config's value without a word.
+
+    Args:
+        argv: the command line, ``sys.argv`` of ``python -m monai.bundle run ...``.
+        config: the merged config (after MONAI applied the overrides it kept): a parser, whose ids may be nested
+            (``train#trainer#epoch_length``), or a mapping of top-level keys.
+    """
+    requested: list[str] = []
+    for position, token in enumerate(argv):
+        if not token.startswith("--"):
+            continue
+        key, separator, value = token[2:].partition("=")
+        if not separator:
+            value = argv[position + 1] if position + 1 < len(argv) else ""
+        if value == "None" and key in config and config[key] is not None:
+            requested.append(key)
+    messages = []
+    for key in dict.fromkeys(requested):
+        remedy = (f"`--{key} {_OFF_VALUES[key]}` turns it off" if key in _OFF_VALUES else
+                  "set it to null in a config file added with --config_file, or give another value")
+        messages.append(f"`--{key} None` is ignored by MONAI's command line (it drops None values) and the run would "
+                        f"keep {key}={config[key]!r}: {remedy}")
+    return messages
+
+
+def _is_bundle_command_line(argv: Sequence[str]) -> bool:
+    """True for ``python -m monai.bundle ...`` (argv[0] is then the path of ``monai/bundle/__main__.py``)."""
+    return bool(argv) and Path(argv[0]).name == "__main__.py" and Path(argv[0]).parent.name == "bundle"
+
+
 def evaluating_parser() -> ConfigParser:
     """The ``ConfigParser`` evaluating the config expression that (indirectly) calls this, found on the call stack."""
     frame = inspect.currentframe()
@@ -299,6 +340,10 @@ def check_config(*config_names: str, parser: ConfigParser | None = None) -> None
             + (f": did you mean {' or '.join(repr(m) for m in matches)}?" if matches else
                ": the workflow would not read it")
             for key, matches in unknown.items()))
+    if _is_bundle_command_line(sys.argv):
+        dropped = dropped_none_overrides(sys.argv, parser)
+        if dropped:
+            raise ConfigValueError("; ".join(dropped))
     schema = SCHEMAS[config_names[0]]
     # the resolver already parsing this expression resolves the values (get_parsed_content could re-parse)
     values = {key: parser.ref_resolver.get_resolved_content(key) for key in schema if key in parser}

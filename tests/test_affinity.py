@@ -88,6 +88,17 @@ def test_global_and_edge_affinities_are_cosines_and_padding_is_zero() -> None:
         global_affinity(torch.randn(3, 5, 3))
 
 
+def test_centred_global_affinity_ignores_each_graphs_common_component() -> None:
+    nodes = torch.randn(4, 6, 8, dtype=torch.float64)
+    # a different common vector added to every vertex of each graph (view 1's two graphs, then view 2's)
+    shifted = nodes + 5.0 * torch.randn(4, 1, 8, dtype=torch.float64)
+    torch.testing.assert_close(global_affinity(shifted, centred=True), global_affinity(nodes, centred=True))
+    assert (global_affinity(shifted) - global_affinity(nodes)).abs().max() > 0.1
+    centred = nodes - nodes.mean(1, keepdim=True)
+    torch.testing.assert_close(global_affinity(nodes, centred=True)[1, 2, 4],
+                               F.cosine_similarity(centred[1, 2], centred[3, 4], dim=0))
+
+
 def test_unit_vectors_match_f_normalize_with_gradients() -> None:
     vectors = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
     weights = torch.randn(3, 4, 6, dtype=torch.float64)

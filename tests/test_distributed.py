@@ -41,7 +41,7 @@ def test_multi_gpu_bundle_config_runs_under_torchrun_with_gloo(tmp_path: Path) -
     result = torchrun(
         2, "-m", "monai.bundle", "run", "--config_file", configs, "--image_size", "32", "--batch_size", "16",
         "--max_epochs", "1", "--output_dir", str(tmp_path / "run"), "--data_root", str(tmp_path / "data"),
-        "--encoder_export_path", str(tmp_path / "encoder.pt"), "--monitor_interval", "None",
+        "--encoder_export_path", str(tmp_path / "encoder.pt"), "--monitor_interval", "0",
         "--balance_modalities", "False",
     )
     log = result.stdout + result.stderr

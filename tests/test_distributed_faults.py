@@ -39,7 +39,7 @@ def pretrain_args(tmp_path: Path, configs: list[str], *extra: str) -> list[str]:
     return ["-m", "monai.bundle", "run", "--config_file", "[" + ",".join(f"'{c}'" for c in configs) + "]",
             "--image_size", "32", "--batch_size", "16", "--output_dir", str(tmp_path / "run"),
             "--data_root", str(tmp_path / "data"), "--encoder_export_path", str(tmp_path / "encoder.pt"),
-            "--monitor_interval", "None", "--balance_modalities", "False", *extra]
+            "--monitor_interval", "0", "--balance_modalities", "False", *extra]
 
 
 def test_a_worker_killed_mid_epoch_restarts_from_the_last_checkpoint_and_finishes(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO_ROOT
-from scripts.config_checks import ConfigValueError
+from scripts.config_checks import ConfigValueError, dropped_none_overrides
 from scripts.error_report import format_report, root_cause
 from scripts.segmentation.datalist import SegmentationDataError
 
@@ -107,6 +107,24 @@ def test_misspelt_override_stops_with_its_near_match(tmp_path: Path) -> None:
     assert lines[0].startswith("ConfigValueError: unknown config key 'max_epoch' (set to 1)"), lines[0]
     assert "did you mean 'max_epochs'?" in lines[0]
     assert not (tmp_path / "run").exists()  # nothing trained
+
+
+def test_a_none_override_that_monai_would_drop_stops_the_run_naming_the_value_that_works(tmp_path: Path) -> None:
+    lines = error_lines(bundle_run(tmp_path, "pretrain.json", "--monitor_interval", "None", "--max_epochs", "1"))
+    assert lines[0].startswith("ConfigValueError: `--monitor_interval None` is ignored by MONAI's command line"), lines[0]
+    assert "monitor_interval=1" in lines[0] and "`--monitor_interval 0` turns it off" in lines[0]
+    assert not (tmp_path / "run").exists()  # nothing trained
+
+
+def test_dropped_none_overrides_are_the_none_requests_the_config_does_not_hold() -> None:
+    config = {"monitor_interval": 1, "max_grad_norm": None, "pretrained_encoder": "", "seed": 0}
+    argv = ["/x/monai/bundle/__main__.py", "run", "--monitor_interval", "None", "--max_grad_norm", "None",
+            "--pretrained_encoder=None", "--seed", "3", "--unknown", "None"]
+    messages = dropped_none_overrides(argv, config)
+    assert len(messages) == 2  # max_grad_norm already is None; unknown keys are check_config's other message
+    assert messages[0].startswith("`--monitor_interval None`") and "`--monitor_interval 0` turns it off" in messages[0]
+    assert messages[1].startswith("`--pretrained_encoder None`") and "null in a config file" in messages[1]
+    assert dropped_none_overrides(argv[:2] + ["--monitor_interval", "0"], config) == []
 
 
 def _wrapped(error: BaseException) -> RuntimeError:

@@ -279,3 +279,29 @@ def test_every_ablation_runs_forward_and_backward(ablation: dict) -> None:
     assert torch.isfinite(loss) and torch.isfinite(e1.grad).all() and e1.grad.abs().sum() > 0
     uses_local = ablation.get("local_similarity", True)
     assert (f1.grad is not None and f1.grad.abs().sum() > 0) == uses_local
+
+
+def _edge_to_vertex_ratio(vertex_centring: bool, spread: float) -> float:
+    """Median over seeds of the edge / vertex gradient-norm ratio at the GCN outputs, for 32 image pairs whose
+    embeddings lie within about ``spread`` (relative) of a common vector, each view as far from its image as the
+    images are from each other."""
+    ratios = []
+    for seed in range(5):
+        torch.manual_seed(seed)
+        loss_fn = LVMMedLoss(local_similarity=False, vertex_centring=vertex_centring)
+        loss_fn.track_gradient_paths = True
+        common, images = torch.randn(1, 128), torch.randn(32, 128)
+        views = [(common + spread * (images + torch.randn(32, 128))).requires_grad_() for _ in range(2)]
+        loss_fn(*views).backward()
+        norms = loss_fn.last_gradient_norms
+        ratios.append(float(norms["edge"] / norms["vertex"]))
+    return float(torch.tensor(ratios).nanmedian())
+
+
+def test_vertex_centring_keeps_the_edge_to_vertex_balance_as_embeddings_concentrate() -> None:
+    """Uncentred, the vertex cosines' gradient shrinks with the embeddings' spread and the edge cosines' grows (the
+    imbalance ``make demo`` showed growing with training); centred, both scale alike."""
+    plain = _edge_to_vertex_ratio(False, 0.003) / _edge_to_vertex_ratio(False, 0.3)
+    centred = _edge_to_vertex_ratio(True, 0.003) / _edge_to_vertex_ratio(True, 0.3)
+    assert plain > 5.0
+    assert centred < 2.0

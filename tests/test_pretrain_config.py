@@ -99,14 +99,14 @@ def test_encoder_starts_from_pretrained_encoder(tmp_path: Path) -> None:
 
 def test_each_ablation_is_one_override(tmp_path: Path) -> None:
     overrides = ["--loss#second_order", "False", "--loss#message_passing", "False", "--loss#noise", "none",
-                 "--loss#local_similarity", "False", "--max_epochs", "1", "--monitor_interval", "None"]
+                 "--loss#local_similarity", "False", "--max_epochs", "1", "--monitor_interval", "0"]
     result = run_bundle(tmp_path, *overrides)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
 
 
 @pytest.mark.slow
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
-    command = bundle_command(tmp_path, "--checkpoint_interval", "3", "--max_epochs", "2", "--monitor_interval", "None")
+    command = bundle_command(tmp_path, "--checkpoint_interval", "3", "--max_epochs", "2", "--monitor_interval", "0")
     process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = tmp_path / "run" / "checkpoints"
     deadline = time.monotonic() + 600
@@ -118,7 +118,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
     killed_at = int(latest_checkpoint(checkpoints).stem.split("_")[1])
     assert killed_at < 2 * (SAMPLES // 32)
 
-    result = run_bundle(tmp_path, "--checkpoint_interval", "3", "--max_epochs", "2", "--monitor_interval", "None")
+    result = run_bundle(tmp_path, "--checkpoint_interval", "3", "--max_epochs", "2", "--monitor_interval", "0")
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
     assert f"resumed from {checkpoints / f'checkpoint_{killed_at}.pt'} at iteration {killed_at}" in log

@@ -47,8 +47,8 @@ def test_two_runs_with_the_same_seed_give_identical_losses(tmp_path: Path, data_
     {"loss#local_similarity": False}, {"loss#lambda_": DEFAULT_LAMBDA / 10}, {"loss#lambda_": DEFAULT_LAMBDA * 10},
 ], ids=["no-second-order", "no-message-passing", "no-gumbel-margin", "no-local", "lambda-small", "lambda-large"])
 def test_each_ablation_and_lambda_trains_one_epoch(tmp_path: Path, data_root: Path, override: dict) -> None:
-    losses, metrics = pretraining_losses(tmp_path, data_root, **override)
-    assert len(losses) == 304 // 32 and all(math.isfinite(loss) for loss in losses)
+    losses, metrics = pretraining_losses(tmp_path, data_root, iterations=3, **override)
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
     for name in ("match_accuracy", "imle_nonzero_share", "imle_target_differs_share"):
         assert 0.0 <= metrics[name] <= 1.0, name
 
@@ -59,7 +59,7 @@ def test_vit_pretraining_overlay_runs_and_exports_the_official_vit_keys(tmp_path
         "--config_file", "['configs/pretrain.json','configs/pretrain_vit.json']",
         "--output_dir", str(tmp_path / "run"), "--data_root", str(tmp_path / "data"),
         "--encoder_export_path", str(tmp_path / "encoder_vit.pt"), "--image_size", "64", "--max_epochs", "1",
-        "--train#trainer#epoch_length", "2", "--monitor_interval", "None", "--balance_modalities", "False",
+        "--batch_size", "8", "--train#trainer#epoch_length", "2", "--monitor_interval", "0", "--balance_modalities", "False",
         "--num_workers", "0",
     ]
     result = subprocess.run(command, cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS="2"), capture_output=True,

@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks.ssl_study import (CEILING, QUICK, RANDOM_INIT, V2, StudySettings, _missing_seeds, main, study_rows,
-                                  tuning_rows, weighted_knn_accuracy)
+from benchmarks.ssl_study import (CEILING, DEFAULT_ROW, QUICK, RANDOM_INIT, V2, StudySettings, _missing_seeds, main,
+                                  report, study_rows, tuning_rows, weighted_knn_accuracy)
 from scripts.classification.datalist import load_split
 from scripts.data.slices import PretrainSliceDataset
 from scripts.data.ssl_benchmark import CLASSES, MODALITIES, BenchmarkSizes, draw_case, prepare_ssl_benchmark
@@ -148,6 +148,16 @@ def test_tuning_gives_every_method_the_same_number_of_trials() -> None:
     assert len({row.name for row in rows}) == len(rows)
     with pytest.raises(SystemExit, match="validation"):
         main(["--quick", "--tune", "--split", "test"])
+
+
+def test_a_tuning_report_has_its_own_title_and_no_goal_section(tmp_path: Path) -> None:
+    figures = {"probe": (0.3, 0.01), "dice": (0.7, 0.02), "score": (0.5, 0.01)}
+    trials = {row.name: figures for row in tuning_rows()[:2]}
+    tuning = report(trials, V2, "python -m benchmarks.ssl_study --tune", 60.0, tmp_path / "t.png")
+    assert tuning.startswith("# Study v2: tuning trials (test split)") and "## Goal" not in tuning
+    study = report({RANDOM_INIT: figures, DEFAULT_ROW: figures}, V2, "python -m benchmarks.ssl_study", 60.0,
+                   tmp_path / "s.png")
+    assert study.startswith("# LVM-Med against its ablations") and "## Goal" in study
 
 
 def test_v2_settings_give_4x4_maps_and_a_large_test_split() -> None:

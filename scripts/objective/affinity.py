@@ -70,17 +70,28 @@ class _SoftenedUnitVectors(torch.autograd.Function):
         return _unit_backward(grad, scaled, inverse, -1), None, None
 
 
-def global_affinity(nodes: torch.Tensor) -> torch.Tensor:
+def global_affinity(nodes: torch.Tensor, centred: bool = False) -> torch.Tensor:
     """Cosine similarity between every vertex of graph 1 and every vertex of graph 2.
+
+    With ``centred`` each graph's mean vertex is subtracted first: the cosine of each vertex's deviation from its
+    graph's mean, as a batch normalisation without scale would give per view. The plain cosine sees the
+    embeddings' common component: when all embeddings lie within an angle s of their mean, every cosine is
+    1 - O(s^2) and its gradient is O(s), while the edge affinities (``edge_affinity``) compare differences of
+    vertices, which no common component reaches, with a gradient of O(1 / s): the vertex term fades as the
+    embeddings concentrate. Centred, both terms see each graph up to a translation and both gradients scale as
+    1 / s.
 
     Args:
         nodes: (2G, n, F) vertex embeddings (after message passing): view 1's G graphs, then view 2's.
+        centred: subtract each graph's mean vertex before the cosines.
 
     Returns:
         (G, n, n) affinities in [-1, 1].
     """
     if nodes.ndim != 3 or nodes.shape[0] % 2:
         raise ValueError(f"nodes must have shape (2G, n, F), got {tuple(nodes.shape)}.")
+    if centred:
+        nodes = nodes - nodes.mean(1, keepdim=True)
     unit1, unit2 = unit_vectors(nodes)[0].chunk(2)
     return torch.bmm(unit1, unit2.transpose(1, 2))
 

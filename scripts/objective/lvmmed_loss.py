@@ -84,6 +84,11 @@ class LVMMedLoss(nn.Module):
         edge_softening: s of ``affinity.edge_affinity``: edge vectors are divided by sqrt(|d|^2 + tau^2),
             tau = s times the graph's root-mean-square edge length, instead of |d|: bounded gradients for the
             short edges between near-duplicate images (0: the plain cosine, whose gradient grows as 1 / |d|).
+        vertex_centring: take the global affinity's cosines of the vertex embeddings minus their graph's mean
+            (``affinity.global_affinity``): the edge affinities compare differences of vertices and cannot see the
+            embeddings' common component; centred, the vertex term cannot either, and the two terms' gradients keep
+            their ratio as the embeddings concentrate (uncentred, the edge / vertex ratio grows as 1 / spread^2:
+            ``docs/objective.md``).
         second_order: use edge affinities (quadratic assignment); False solves a linear assignment
             on the vertex affinities (ablation i of the paper).
         message_passing: use the GCN; False matches the projector embeddings directly (ablation ii).
@@ -119,6 +124,7 @@ class LVMMedLoss(nn.Module):
         edge_weight: float = 1.0,
         edge_normalisation: Literal["degree", "none"] = "none",
         edge_softening: float = 0.5,
+        vertex_centring: bool = False,
         second_order: bool = True,
         message_passing: bool = True,
         noise: Literal["gumbel", "none"] = "gumbel",
@@ -134,7 +140,7 @@ class LVMMedLoss(nn.Module):
             noise=(noise, str), local_grid_size=(local_grid_size, (int, str, type(None))), margin=(margin, float),
             local_num_matches=(local_num_matches, (int, type(None))), edge_weight=(edge_weight, float),
             noise_reference=(noise_reference, str), edge_normalisation=(edge_normalisation, str),
-            edge_softening=(edge_softening, float),
+            edge_softening=(edge_softening, float), vertex_centring=(vertex_centring, bool),
         )
         if graph_size < 2:
             raise ValueError(f"graph_size must be at least 2, got {graph_size}.")
@@ -177,6 +183,7 @@ class LVMMedLoss(nn.Module):
         self.edge_weight = edge_weight
         self.edge_normalisation = edge_normalisation
         self.edge_softening = edge_softening
+        self.vertex_centring = vertex_centring
         self.second_order = second_order
         self.noise = noise
         self.local_similarity = local_similarity and alpha < 1.0
@@ -262,7 +269,7 @@ class LVMMedLoss(nn.Module):
         num_graphs, num_nodes = embeddings.shape[0] // 2, embeddings.shape[1]
         adjacency = knn_edges(embeddings, self.num_neighbors)
         nodes = embeddings if self.gcn is None else self.gcn(embeddings, adjacency)
-        unary = global_affinity(self._observed(nodes, "vertex"))
+        unary = global_affinity(self._observed(nodes, "vertex"), self.vertex_centring)
         if local is not None:
             unary = torch.lerp(local, unary, self.alpha)  # alpha * global + (1 - alpha) * local
         if self.second_order:
