@@ -332,6 +332,7 @@ def _segment(tmp_path: Path, data: dict, evaluate_split: str, settings: dict) ->
     return rows["mean_dice"]
 
 
+@pytest.mark.slow  # about 40 s on 2 cores; the pair-folder and datalist runs keep train -> evaluate -> inference in make test
 def test_msd_multichannel_volumes_train_evaluate_and_segment_in_their_geometry(tmp_path: Path) -> None:
     root = msd_folder(tmp_path / "Task01_Tiny")
     before = snapshot(root)

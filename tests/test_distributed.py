@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import REPO_ROOT
@@ -36,6 +37,7 @@ def test_two_process_ddp_gradients_equal_single_process(tmp_path: Path) -> None:
         torch.testing.assert_close(distributed[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow  # about 40 s on 2 cores; make test keeps the two-process DDP gradient check above
 def test_multi_gpu_bundle_config_runs_under_torchrun_with_gloo(tmp_path: Path) -> None:
     configs = "['configs/pretrain.json','configs/multi_gpu_pretrain.json']"
     result = torchrun(
